@@ -1,0 +1,30 @@
+# `make train` and `make test` set everything up on a fresh machine (Python 3.11 with venv) and run.
+VENV ?= .venv
+PYTHON ?= python3
+# `mlflow run --env-manager local` calls `python` from PATH: make it the project's environment.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Use the MedMNIST files shipped beside the checkout when there are some (no internet needed).
+SHARED_DATA := $(abspath ../shared/data/medmnist)
+export MEDZOO_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/*.npz),$(SHARED_DATA),)
+ARGS ?=
+
+.PHONY: setup train test benchmarks ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+train: setup
+	mlflow run . -e train --env-manager local $(ARGS)
+
+test: setup
+	python -m pytest $(ARGS)
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache

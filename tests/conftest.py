@@ -1,0 +1,86 @@
+"""Shared fixtures: learnable synthetic MedMNIST-format files, a temporary MLflow store, real data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from medmnist import INFO
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_DIR = Path(os.environ.get("MEDZOO_REAL_DATA_DIR", ROOT.parent / "shared" / "data" / "medmnist"))
+WEIGHTS_DIR = Path(os.environ.get("MEDZOO_WEIGHTS_DIR", ROOT.parent / "shared" / "data" / "weights"))
+SYNTHETIC_SIZES = {"train": 96, "val": 48, "test": 48}
+
+requires_real_data = pytest.mark.skipif(
+    not (REAL_DATA_DIR / "breastmnist.npz").exists(), reason=f"no official MedMNIST files in {REAL_DATA_DIR}"
+)
+
+
+def synthetic_images(labels: np.ndarray, channels: int, size: int, seed: int) -> np.ndarray:
+    """Each class is a fixed random blob pattern plus noise: easy to learn, impossible to guess."""
+    rng = np.random.default_rng(seed)
+    num_classes = int(labels.max()) + 1
+    coarse = rng.uniform(0, 1, size=(num_classes, 7, 7, channels))
+    templates = np.kron(coarse, np.ones((size // 7 + 1, size // 7 + 1, 1)))[:, :size, :size]
+    noise = np.random.default_rng(seed + 1).normal(0, 0.15, size=(len(labels), size, size, channels))
+    images = np.clip((templates[labels] + noise) * 255, 0, 255).astype(np.uint8)
+    return images[..., 0] if channels == 1 else images
+
+
+def write_synthetic_medmnist(path: Path, flag: str, size: int = 28, sizes: dict | None = None, seed: int = 0) -> Path:
+    """A MedMNIST-format npz (same keys, shapes and dtypes as the official files) for ``flag``."""
+    info = INFO[flag]
+    num_classes, channels = len(info["label"]), info["n_channels"]
+    arrays = {}
+    for i, (split, n) in enumerate((sizes or SYNTHETIC_SIZES).items()):
+        labels = np.arange(n) % num_classes
+        np.random.default_rng(seed + i).shuffle(labels)
+        arrays[f"{split}_images"] = synthetic_images(labels, channels, size, seed=seed)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("medmnist")
+    for flag in ("breastmnist", "bloodmnist", "organamnist"):
+        write_synthetic_medmnist(root / f"{flag}.npz", flag)
+    return root
+
+
+@pytest.fixture
+def synthetic_env(synthetic_data_dir, monkeypatch) -> Path:
+    """Point the data layer at the synthetic files (which cannot carry the official MD5)."""
+    monkeypatch.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir))
+    monkeypatch.setenv("MEDZOO_VERIFY_MD5", "0")
+    return synthetic_data_dir
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store and artifact folder in a temp dir, used by this process and children."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default experiment puts artifacts in ./mlruns
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def project_env(**extra) -> dict:
+    """Environment for subprocesses: the project's venv first on PATH (``mlflow run`` calls ``python``)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from tests.conftest import WEIGHTS_DIR
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_model_trains_at_its_minimum_size(name, in_chans):
+    torch.manual_seed(0)
+    size = zoo.get_model_config(name).min_input_size
+    model = zoo.create_model(name, in_chans=in_chans, num_classes=5, input_size=size)
+    model.train()
+    images, labels = torch.rand(8, in_chans, size, size), torch.arange(8) % 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    # Two steps: timm ResNets zero-init each block's last BN scale, which blocks gradients until one step.
+    for _ in range(2):
+        optimizer.zero_grad()
+        logits = model(images)
+        assert logits.shape == (8, 5)
+        loss = nn.functional.cross_entropy(logits, labels)
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    starved = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not starved, f"no gradient reaches {starved}"
+
+
+def test_registry_lists_the_issue_models():
+    assert set(zoo.list_models()) >= {
+        "mlp", "cnn", "alexnet", "resnet18", "resnet50", "mobilenetv2", "mobilenetv3_small",
+        "efficientnet_b0", "efficientnet_lite0", "convnext",
+    }
+
+
+def test_unknown_model_names_close_matches():
+    with pytest.raises(zoo.ZooError, match="Did you mean mobilenetv2"):
+        zoo.create_model("mobilenet_v2")
+
+
+def test_unknown_option_lists_allowed_options():
+    with pytest.raises(zoo.ZooError, match="has no option.*kernel.*Its options: filters, kernel_size"):
+        zoo.create_model("cnn", kernel=5)
+
+
+def test_minimum_input_size_is_enforced():
+    with pytest.raises(zoo.ZooError, match="at least 32 px"):
+        zoo.create_model("convnext", input_size=28)
+
+
+def test_bad_option_values_name_what_is_allowed():
+    with pytest.raises(zoo.ZooError, match="pool='median' is not one of: max, avg"):
+        zoo.create_model("cnn", pool="median")
+    with pytest.raises(zoo.ZooError, match="kernel_size=4"):
+        zoo.create_model("cnn", kernel_size=4)
+    with pytest.raises(zoo.ZooError, match="init='orthogonal'"):
+        zoo.create_model("mlp", init="orthogonal")
+    with pytest.raises(zoo.ZooError, match="needs input_size >= 32"):
+        zoo.create_model("cnn", filters="8,8,8,8,8", input_size=28)
+
+
+def test_cnn_options_shape_the_network():
+    model = zoo.create_model("cnn", in_chans=1, num_classes=3, filters=[8, 16, 32], kernel_size=5, pool="avg")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 32]
+    assert all(c.kernel_size == (5, 5) for c in convs)
+    assert any(isinstance(m, nn.AvgPool2d) for m in model.modules())
+
+
+def test_kaiming_uniform_init_changes_the_weights_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = zoo.create_model("mlp", in_chans=1, num_classes=3, init="kaiming_uniform", hidden="32")
+    first = model.body[1]
+    bound = (6 / first.in_features) ** 0.5
+    assert first.weight.abs().max() <= bound and first.weight.abs().max() > 0.9 * bound
+    assert torch.all(first.bias == 0)
+
+
+def test_resnet_cifar_stem_keeps_28px_resolution():
+    model = zoo.create_model("resnet18", in_chans=1, num_classes=2, cifar_stem=True)
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, nn.Identity)
+    assert model.forward_features(torch.rand(1, 1, 28, 28)).shape[-1] == 4  # 28 / 8, not 28 / 32
+
+
+def test_any_timm_architecture_by_prefix():
+    model = zoo.create_model("timm/resnet10t", in_chans=3, num_classes=4, input_size=32)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(zoo.ZooError, match="timm has no architecture 'resnet10x'"):
+        zoo.create_model("timm/resnet10x")
+
+
+def test_pretrained_without_internet_or_file_is_a_clear_error(tmp_path):
+    with pytest.raises(zoo.ZooError, match="no weights file there"):
+        zoo.create_model("efficientnet_lite0", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "efficientnet_lite0_in1k_timm.safetensors").exists(), reason="no shared weights")
+def test_pretrained_weights_from_a_local_file_are_loaded():
+    from safetensors.torch import load_file
+
+    path = WEIGHTS_DIR / "efficientnet_lite0_in1k_timm.safetensors"
+    model = zoo.create_model("efficientnet_lite0", in_chans=3, num_classes=11, pretrained=str(path))
+    reference = load_file(path)
+    assert torch.equal(model.conv_stem.weight, reference["conv_stem.weight"])
+    assert model.classifier.out_features == 11
+    gray = zoo.create_model("efficientnet_lite0", in_chans=1, num_classes=11, pretrained=str(path))
+    assert torch.allclose(gray.conv_stem.weight, reference["conv_stem.weight"].sum(dim=1, keepdim=True))
+
+
+def test_normalized_classifier_applies_mean_and_std():
+    backbone = nn.Identity()
+    model = zoo.NormalizedClassifier(backbone, mean=(0.5,), std=(0.25,))
+    x = torch.full((1, 1, 2, 2), 0.75)
+    assert torch.allclose(model(x), torch.ones(1, 1, 2, 2))

@@ -1,0 +1,106 @@
+"""MLflow helpers: a run that always ends in a final state, dataset inputs, figures and the model.
+
+The model is logged with everything later steps need (architecture, preprocessing, class names), so the
+register/export step and the service never have to re-read the training data or the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import RunStatus
+from mlflow.models import infer_signature
+
+from training.data import ImageDataset
+
+MODEL_ARTIFACT = "model"
+METADATA_KEY = "medzoo"
+ERROR_TAG = "medzoo.error"
+SYSTEM_METRICS_INTERVAL_S = 5
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str, tags: dict, nested: bool = False):
+    """``mlflow.start_run`` that ends FAILED on errors and KILLED on Ctrl-C (MLflow says FAILED for both)."""
+    mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, log_system_metrics=True)
+    # Under `mlflow run` the run already exists and start_run ignores run_name; set it explicitly.
+    mlflow.set_tag("mlflow.runName", run_name)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag(ERROR_TAG, "interrupted by the user")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as err:
+        mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_new_params(params: dict) -> None:
+    """Log params not yet on the run: `mlflow run` has already logged the entry point's own (as typed)."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
+def record_failure_before_start(message: str, run_name: str) -> None:
+    """A run that `mlflow run` created for us but that failed validation: name it and say why."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, ERROR_TAG, message[:5000])
+        client.set_tag(run_id, "mlflow.runName", run_name)
+
+
+def log_dataset(dataset: ImageDataset) -> None:
+    """One MLflow dataset input per split, sharing the file's digest, so the UI shows what was trained on."""
+    source = HTTPDatasetSource(dataset.origin)
+    for split in ("train", "val", "test"):
+        meta = MetaDataset(source=source, name=f"{dataset.name}-{dataset.size}px-{split}", digest=dataset.digest[:16])
+        tags = {"split": split, "samples": str(len(dataset.split(split))), "size": str(dataset.size),
+                "local_path": dataset.source}
+        mlflow.log_input(meta, context={"train": "training", "val": "validation", "test": "testing"}[split], tags=tags)
+
+
+def log_figure(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, path)
+    plt.close(figure)
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor, metadata: dict):
+    """The trained model in MLflow's pt2 format: a traced graph with a dynamic batch dimension."""
+    model.eval()
+    example_np = example.numpy().astype(np.float32)
+    with torch.no_grad():
+        output = model(example).numpy()
+    return mlflow.pytorch.log_model(
+        model,
+        name=MODEL_ARTIFACT,
+        input_example=example_np,
+        signature=infer_signature(example_np, output),
+        metadata={METADATA_KEY: metadata},
+        pip_requirements=_pip_requirements(),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    """Pin what the model needs to load; avoids MLflow's slow environment inference."""
+    import importlib.metadata as md
+
+    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "mlflow", "numpy")]
+
+
+def log_json(data: dict, path: str) -> None:
+    mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), path)
