@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -107,6 +107,40 @@ def evaluate(model: nn.Module, split: Split, class_names: list[str], prefix: str
     return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}, probs
 
 
+def batch_indices(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of ``order``; a lone last sample joins the previous batch (BatchNorm needs 2)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+@dataclass
+class StepStats:
+    images: int
+    loss: float
+    acc: float
+
+
+def train_steps(model: nn.Module, optimizer, batches: Iterable, l1: float = 0.0, batch_scheduler=None) -> StepStats:
+    """One optimisation step per (uint8 images, labels) batch; the hot loop every trainer shares."""
+    model.train()
+    seen, loss_sum, correct = 0, 0.0, 0
+    for images, labels in batches:
+        logits = model(to_input(images))
+        loss = nn.functional.cross_entropy(logits, labels)
+        objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+    return StepStats(seen, loss_sum / max(seen, 1), correct / max(seen, 1))
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -128,43 +162,31 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best epoch by ``select_metric``."""
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch = len(batch_indices(torch.arange(len(train)), batch_size))
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     sched, per_batch = make_scheduler(scheduler, opt, epochs, steps_per_epoch)
     result, best_state, epochs_without_gain = FitResult(), None, 0
 
     epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not progress)
     for epoch in epoch_bar:
-        model.train()
         started = time.perf_counter()
         order = torch.randperm(len(train), generator=generator)
-        loss_sum, correct = 0.0, 0
-        batches = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=not progress)
-        for step in batches:
-            index = order[step * batch_size : (step + 1) * batch_size]
-            images, labels = to_input(train.images[index]), train.labels[index]
-            logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels)
-            objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            if sched is not None and per_batch:
-                sched.step()
-            loss_sum += loss.item() * len(index)
-            correct += (logits.argmax(1) == labels).sum().item()
+        batches = batch_indices(order, batch_size)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress)
+        train_stats = train_steps(model, opt, ((train.images[i], train.labels[i]) for i in bar), l1,
+                                  sched if per_batch else None)
         train_seconds = time.perf_counter() - started
         result.train_time += train_seconds
-        result.images_seen += len(train)
+        result.images_seen += train_stats.images
 
         val_metrics, _ = evaluate(model, val, class_names, "val")
         metrics = {
-            "train_loss": loss_sum / len(train),
-            "train_acc": correct / len(train),
+            "train_loss": train_stats.loss,
+            "train_acc": train_stats.acc,
             **val_metrics,
             "lr": opt.param_groups[0]["lr"],
             "epoch_time": time.perf_counter() - started,
-            "train_images_per_sec": len(train) / train_seconds,
+            "train_images_per_sec": train_stats.images / train_seconds,
         }
         score = metrics[select_metric]
         if sched is not None and not per_batch:

@@ -1,0 +1,116 @@
+"""Training throughput (images/s) of MedZoo's in-memory pipeline vs the MedMNIST reference pipeline.
+
+Reference: ``medmnist.OrganAMNIST`` with ``ToTensor`` + ``Normalize`` and a ``DataLoader`` (what the MedMNIST
+experiments and getting-started notebook do). Ours: uint8 tensors in memory, batched indexing, normalisation
+inside the model. Both run the same model, batch size and optimiser step, alternating in the same process;
+the table reports medians over repeats and their ratio.
+
+    python benchmarks/train_throughput.py [--steps 30] [--repeats 5] [--models mlp cnn resnet18 mobilenetv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import medmnist  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import zoo  # noqa: E402
+from benchmarks.common import real_data_dir, write_section  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.engine import make_optimizer, train_steps  # noqa: E402
+
+BATCH = 128
+
+
+def fresh_model(name: str, in_chans: int, num_classes: int, mean, std) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.NormalizedClassifier(zoo.create_model(name, in_chans=in_chans, num_classes=num_classes), mean, std)
+
+
+def time_ours(model, dataset, steps: int) -> float:
+    optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0)
+    train = dataset.train
+    order = torch.randperm(len(train))
+
+    def batches(n):
+        for i in range(n):
+            index = order[i * BATCH : (i + 1) * BATCH]
+            yield train.images[index], train.labels[index]
+
+    train_steps(model, optimizer, batches(3))  # warm-up
+    started = time.perf_counter()
+    stats = train_steps(model, optimizer, batches(steps))
+    return stats.images / (time.perf_counter() - started)
+
+
+def time_reference(model, loader, steps: int) -> float:
+    """The reference loop: DataLoader batches already normalised, so the model skips its own normalisation."""
+    backbone = model.backbone
+    optimizer = make_optimizer("adam", backbone.parameters(), 1e-3, 0.0)
+    backbone.train()
+    iterator = iter(loader)
+
+    def step():
+        images, labels = next(iterator)
+        loss = torch.nn.functional.cross_entropy(backbone(images), labels.squeeze(1).long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return len(labels)
+
+    for _ in range(3):
+        step()
+    started = time.perf_counter()
+    seen = sum(step() for _ in range(steps))
+    return seen / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18", "mobilenetv2"])
+    args = parser.parse_args()
+
+    root = real_data_dir()
+    dataset = load_dataset("organamnist", root)
+    mean, std = dataset.channel_stats()
+    reference_set = medmnist.OrganAMNIST(
+        split="train", root=str(root), download=False, size=28,
+        transform=T.Compose([T.ToTensor(), T.Normalize(mean=mean, std=std)]),
+    )
+    rows = []
+    for name in args.models:
+        ours, reference = [], []
+        for _ in range(args.repeats):
+            loader = DataLoader(reference_set, batch_size=BATCH, shuffle=True, num_workers=0)
+            reference.append(time_reference(fresh_model(name, 1, 11, mean, std), loader, args.steps))
+            ours.append(time_ours(fresh_model(name, 1, 11, mean, std), dataset, args.steps))
+        ours_median, reference_median = statistics.median(ours), statistics.median(reference)
+        rows.append((name, reference_median, ours_median, ours_median / reference_median))
+        print(f"{name:12s} reference {reference_median:8.0f} img/s   medzoo {ours_median:8.0f} img/s   "
+              f"x{ours_median / reference_median:.2f}", flush=True)
+
+    table = ["| model | reference pipeline (img/s) | MedZoo (img/s) | ratio |", "|---|---:|---:|---:|"]
+    table += [f"| {n} | {r:.0f} | {o:.0f} | {x:.2f}x |" for n, r, o, x in rows]
+    write_section("train_throughput", (
+        "## Training throughput, OrganAMNIST 28 px, batch 128, Adam\n\n"
+        f"Medians of {args.repeats} alternating measurements of {args.steps} training steps each "
+        "(after 3 warm-up steps). Reference: `medmnist.OrganAMNIST` + `ToTensor`/`Normalize` + `DataLoader`.\n"
+        "Reproduce: `python benchmarks/train_throughput.py`. Target: >= 1.5x for mlp and cnn, never slower.\n\n"
+        + "\n".join(table)
+    ))
+
+
+if __name__ == "__main__":
+    main()

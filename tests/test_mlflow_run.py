@@ -1,0 +1,87 @@
+"""The main job as users run it: a real `mlflow run . -e train --env-manager local` into a temp store."""
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, project_env
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_run(*params: str, **env) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local"]
+    for param in params:
+        args += ["-P", param]
+    return subprocess.run(args, capture_output=True, text=True, env=project_env(**env), timeout=600)
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
+    result = mlflow_run("model=cnn", "dataset=bloodmnist", "epochs=3", "batch_size=32", "lr=0.003",
+                        "model_kwargs=filters=8,16 hidden=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = all_runs()
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "cnn-bloodmnist"
+    params = run.data.params
+    assert params["model"] == "cnn" and params["dataset"] == "bloodmnist" and params["epochs"] == "3"
+    assert params["num_classes"] == "8" and params["in_chans"] == "3" and params["input_size"] == "28"
+    assert params["model_filters"] == "8,16" and params["train_samples"] == "96"
+
+    client = mlflow.MlflowClient()
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+    metrics = run.data.metrics
+    for key in ("test_acc", "test_auc", "test_balanced_acc", "test_precision", "test_recall", "test_f1",
+                "test_recall_basophil", "train_time", "train_images_per_sec", "n_params", "best_epoch"):
+        assert key in metrics, key
+    assert 0.5 < metrics["test_acc"] <= 1.0 and metrics["n_params"] > 1000
+
+    artifacts = {a.path for folder in ("", "plots", "reports") for a in client.list_artifacts(run_id, folder)}
+    assert {"plots/confusion_matrix_val.png", "plots/confusion_matrix_test.png", "plots/learning_curves.png",
+            "plots/test_mistakes.png", "reports/test_classification_report.txt", "config.json"} <= artifacts
+    report = mlflow.artifacts.load_text(f"runs:/{run_id}/reports/test_classification_report.txt")
+    assert "eosinophil" in report and "macro avg" in report
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
+        "bloodmnist-28px-train", "bloodmnist-28px-val", "bloodmnist-28px-test"}
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    meta = model.metadata.metadata["medzoo"]
+    assert meta["class_names"][0] == "basophil" and meta["preprocessing"]["input_size"] == 28
+    assert len(meta["preprocessing"]["mean"]) == 3
+    batch = np.random.default_rng(0).random((5, 3, 28, 28), dtype=np.float32)
+    predicted = model.predict(batch)
+    assert predicted.shape == (5, 8)
+    torch_model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("params, message", [
+    (["model=mobilenet"], "Unknown model 'mobilenet'. Did you mean mobilenetv2"),
+    (["dataset=bloodmnist", "optimizer=adagrad"], "optimizer='adagrad' is not one of"),
+    (["dataset=bloodmnist", "epochs=-2"], "epochs=-2 must be >= 1"),
+])
+def test_bad_parameters_fail_cleanly(params, message, synthetic_env, mlflow_store):
+    result = mlflow_run(*params)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = all_runs()
+    assert run.info.status == "FAILED" and message in run.data.tags["medzoo.error"]
+
+
+def test_corrupt_data_file_fails_cleanly(tmp_path, mlflow_store):
+    (tmp_path / "breastmnist.npz").write_bytes(b"\x00" * 100)
+    result = mlflow_run("dataset=breastmnist", f"data_dir={tmp_path}")
+    assert result.returncode != 0 and "MD5" in result.stderr and "corrupt" in result.stderr
+    assert [r.info.status for r in all_runs()] == ["FAILED"]

@@ -1,0 +1,154 @@
+"""Selecting, exporting and registering champions in a temporary MLflow store."""
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.export import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
+from training.register import RegistrationError, candidate_runs, choose_best, register_best
+from training.train import run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, synthetic_data_dir):
+    """Three tiny trained runs on synthetic BloodMNIST with known validation/test metrics."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir))
+        mp.setenv("MEDZOO_VERIFY_MD5", "0")
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        runs = {}
+        for label, model, kwargs in (("small", "cnn", {"filters": "8,16", "hidden": 32}),
+                                     ("large", "mlp", {"hidden": "64"}),
+                                     ("runner_up", "cnn", {"filters": "8", "hidden": 16})):
+            outcome = run_training(TrainConfig(model=model, dataset="bloodmnist", epochs=1, batch_size=32,
+                                               model_kwargs=kwargs), progress=False)
+            runs[label] = outcome.run_id
+        # Known metrics: small and large tie on validation, large is best on test (which must not matter).
+        for label, val_auc, test_auc in (("small", 0.95, 0.70), ("large", 0.95, 0.99), ("runner_up", 0.90, 0.99)):
+            client.log_metric(runs[label], "best_val_auc", val_auc)
+            client.log_metric(runs[label], "test_auc", test_auc)
+        yield runs
+        mlflow.set_tracking_uri(None)
+
+
+def registry_snapshot():
+    client = mlflow.MlflowClient()
+    return sorted((m.name, sorted((v.version, v.tags.get("source_run")) for v in
+                                  client.search_model_versions(f"name = '{m.name}'")), sorted(m.aliases))
+                  for m in client.search_registered_models())
+
+
+def test_selection_uses_validation_metrics_and_prefers_smaller_models(store):
+    runs = candidate_runs("bloodmnist")
+    assert {r.info.run_id for r in runs} == set(store.values())
+    assert choose_best(runs, "best_val_auc").info.run_id == store["small"]  # tie on val -> fewer params
+    with pytest.raises(RegistrationError, match="no run logged .best_val_kappa.; the runs have: best_val_acc"):
+        choose_best(runs, "best_val_kappa")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dataset="bloodmnst"), "Unknown dataset 'bloodmnst'. Did you mean bloodmnist"),
+    (dict(dataset="pathmnist"), "no finished runs with a model for dataset 'pathmnist'; datasets with runs: bloodmnist"),
+    (dict(dataset="bloodmnist", metric="f1"), "metric='f1' is not one of: auc, acc"),
+])
+def test_bad_register_inputs_change_nothing(store, kwargs, message):
+    before = registry_snapshot()
+    with pytest.raises(RegistrationError, match=message):
+        register_best(**kwargs)
+    assert registry_snapshot() == before
+
+
+def test_export_of_unknown_or_modelless_runs_is_a_clear_error(store):
+    with pytest.raises(ExportError, match="run_id='0123456789abcdef' does not exist"):
+        export_run("0123456789abcdef")
+    with mlflow.start_run() as empty:
+        pass
+    with pytest.raises(ExportError, match=f"run {empty.info.run_id} logged no model"):
+        export_run(empty.info.run_id)
+
+
+def test_a_corrupted_export_fails_the_parity_check(store):
+    model, meta = load_logged_model(store["small"])
+    wrong = torch.nn.Sequential()
+    wrong.add_module("shift", _Scale(1.05))  # a wrong normalisation in front of the real network
+    wrong.add_module("net", model)
+    proto = export_onnx(wrong, 28, 3, {"dataset": "bloodmnist"})
+    images = np.random.default_rng(0).random((16, 3, 28, 28), dtype=np.float32)
+    report = check_parity(proto, model, images)
+    assert not report.ok and report.max_abs_diff > 1e-4
+    from training.export import require_parity
+    with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(allowed 1e-04\)"):
+        require_parity(proto, model, images)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir):
+    client = mlflow.MlflowClient()
+    first = register_best("bloodmnist")
+    assert (first.version, first.run_id, first.promoted, first.created) == ("1", store["small"], True, True)
+    version = client.get_model_version("medzoo-bloodmnist", "1")
+    assert version.tags["source_run"] == store["small"] and version.tags["architecture"] == "cnn"
+    assert version.tags["best_val_auc"] == "0.95" and version.tags["test_auc"] == "0.7"
+    assert json.loads(version.tags["class_names"])[0] == "basophil"
+    assert json.loads(version.tags["preprocessing"])["input_size"] == 28
+    assert "selected on validation" in version.description and "parity" in version.description
+
+    # The ONNX file: one self-contained graph with its metadata and a dynamic batch.
+    local = mlflow.artifacts.download_artifacts(f"models:/medzoo-bloodmnist@champion")
+    proto = onnx.load(f"{local}/model.onnx")
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["dataset"] == "bloodmnist" and props["model_version"] == "1" and props["source_run"] == store["small"]
+    assert json.loads(props["class_names"])[7] == "platelet" and props["input_size"] == "28"
+    assert props["in_chans"] == "3" and props["resize"] == "bilinear"
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString())
+    assert session.get_inputs()[0].shape[0] in ("batch", "s0", None) or isinstance(session.get_inputs()[0].shape[0], str)
+    assert not any(str(f).endswith(".data") for f in __import__("pathlib").Path(local).iterdir())
+
+    # Parity on real validation images, and the pyfunc of the champion predicts on a batch.
+    pytorch_model, _ = load_logged_model(store["small"])
+    from training.data import load_dataset
+    images = load_dataset("bloodmnist").val.images[:32].float().numpy() / 255
+    with torch.no_grad():
+        expected = pytorch_model(torch.from_numpy(images)).numpy()
+    pyfunc = mlflow.pyfunc.load_model("models:/medzoo-bloodmnist@champion")
+    predicted = pyfunc.predict(images)["logits"]
+    assert np.abs(predicted - expected).max() <= 1e-4
+    assert (predicted.argmax(1) == expected.argmax(1)).all()
+
+    again = register_best("bloodmnist")
+    assert (again.version, again.created, again.promoted) == ("1", False, False)
+    assert len(client.search_model_versions("name = 'medzoo-bloodmnist'")) == 1
+
+    # The champion's run is deleted: the next best is registered but does not beat the champion.
+    client.delete_run(store["small"])
+    client.delete_run(store["large"])
+    held = register_best("bloodmnist")
+    assert (held.version, held.run_id, held.promoted) == ("2", store["runner_up"], False)
+    assert "champion stays v1" in held.message and "0.9000" in held.message
+    assert str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version) == "1"
+
+    forced = register_best("bloodmnist", force=True)
+    assert (forced.version, forced.created, forced.promoted) == ("2", False, True)
+    assert str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version) == "2"

@@ -1,0 +1,227 @@
+"""Register the best run of a dataset as an ONNX model version and gate the ``champion`` alias.
+
+    python -m training.register --dataset organamnist [--metric auc] [--force]
+    mlflow run . -e register --env-manager local -P dataset=organamnist
+
+Only validation metrics choose: the best finished run by ``best_val_<metric>`` (ties: fewer parameters, then
+the earlier run). Its model is exported to ONNX and parity-checked before anything is written; the new
+version becomes ``champion`` only if it beats the current champion on the same metric (or with ``force``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from training.config import SELECT_METRICS
+from training.data import DatasetError, check_dataset_name
+from training.export import ExportError, ParityError, export_run
+from training.tracking import MODEL_ARTIFACT
+
+CHAMPION = "champion"
+
+
+class RegistrationError(ValueError):
+    """Nothing to register, or a bad argument; the message says what exists. Nothing was changed."""
+
+
+@dataclass
+class RegistrationResult:
+    name: str
+    version: str
+    run_id: str
+    metric: str
+    score: float
+    promoted: bool
+    created: bool
+    message: str
+
+
+def registered_name(dataset: str) -> str:
+    return f"medzoo-{dataset}"
+
+
+def metric_key(metric: str) -> str:
+    short = metric.removeprefix("best_").removeprefix("val_")
+    if short not in SELECT_METRICS:
+        raise RegistrationError(f"metric={metric!r} is not one of: {', '.join(SELECT_METRICS)} (validation metrics).")
+    return f"best_val_{short}"
+
+
+def candidate_runs(dataset: str) -> list[Run]:
+    """Finished training runs of ``dataset`` that logged a MedZoo model, across all experiments."""
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    runs = mlflow.search_runs(
+        experiment_ids=experiments, output_format="list",
+        filter_string=f"tags.dataset = '{dataset}' and attributes.status = 'FINISHED'",
+    )
+    return [run for run in runs if _has_model(run)]
+
+
+def _has_model(run: Run) -> bool:
+    try:
+        mlflow.models.get_model_info(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}")
+        return True
+    except MlflowException:
+        return False
+
+
+def choose_best(runs: list[Run], key: str) -> Run:
+    scored = [r for r in runs if key in r.data.metrics]
+    if not scored:
+        logged = sorted({k for r in runs for k in r.data.metrics if k.startswith("best_val_")})
+        raise RegistrationError(f"no run logged {key!r}; the runs have: {', '.join(logged) or 'no validation metrics'}.")
+    return max(scored, key=lambda r: (r.data.metrics[key], -r.data.metrics.get("n_params", 0), -r.info.start_time))
+
+
+def register_best(dataset: str, metric: str = "auc", force: bool = False, data_dir: str | None = None
+                  ) -> RegistrationResult:
+    try:
+        check_dataset_name(dataset)
+    except DatasetError as err:
+        raise RegistrationError(str(err)) from None
+    key = metric_key(metric)
+    runs = candidate_runs(dataset)
+    if not runs:
+        trained = sorted({r.data.tags.get("dataset") for r in _all_finished_runs()} - {None})
+        raise RegistrationError(
+            f"no finished runs with a model for dataset {dataset!r}; datasets with runs: {', '.join(trained) or 'none'}."
+        )
+    best = choose_best(runs, key)
+    return register_run(best, dataset, key, force, data_dir)
+
+
+def register_run(run: Run, dataset: str, key: str, force: bool, data_dir: str | None) -> RegistrationResult:
+    client = mlflow.MlflowClient()
+    name = registered_name(dataset)
+    run_id, score = run.info.run_id, run.data.metrics[key]
+    existing = _version_of_run(client, name, run_id)
+    created = existing is None
+    if created:
+        version = _register_new_version(client, name, run, data_dir)
+    else:
+        version = str(existing.version)
+    promoted, why = _gate_champion(client, name, version, key, score, force)
+    verb = "registered as" if created else "already registered as"
+    message = f"run {run_id} ({run.data.tags.get('model')}, {key} {score:.4f}) {verb} {name} v{version}; {why}"
+    return RegistrationResult(name, str(version), run_id, key, score, promoted, created, message)
+
+
+def _all_finished_runs() -> list[Run]:
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    return mlflow.search_runs(experiment_ids=experiments, output_format="list",
+                              filter_string="attributes.status = 'FINISHED'")
+
+
+def _version_of_run(client, name: str, run_id: str):
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("source_run") == run_id), None)
+
+
+def _register_new_version(client, name: str, run: Run, data_dir: str | None) -> str:
+    """Export and check first (no store change on failure), then log, register, describe."""
+    try:
+        client.get_registered_model(name)
+        versions = client.search_model_versions(f"name = '{name}'")
+        expected_version = str(max((int(v.version) for v in versions), default=0) + 1)
+    except MlflowException:
+        expected_version = "1"
+    result = export_run(run.info.run_id, data_dir, registered_model=name, model_version=expected_version)
+    meta = result.meta
+    tags = _version_tags(run, meta, result.parity.describe())
+    version = mlflow.register_model(result.model_uri, name, tags=tags).version
+    if str(version) != expected_version:
+        client.delete_model_version(name, version)
+        raise RegistrationError(f"another registration of {name} happened at the same time; run it again.")
+    client.update_model_version(name, version, description=_description(run, meta, result.parity.describe()))
+    return str(version)
+
+
+def _version_tags(run: Run, meta: dict, parity: str) -> dict[str, str]:
+    metrics = run.data.metrics
+    tags = {
+        "source_run": run.info.run_id,
+        "architecture": meta["architecture"],
+        "dataset": meta["dataset"],
+        "class_names": json.dumps(meta["class_names"]),
+        "preprocessing": json.dumps(meta["preprocessing"]),
+        "parity": parity,
+    }
+    for key in ("best_val_acc", "best_val_auc", "test_acc", "test_auc", "n_params"):
+        if key in metrics:
+            tags[key] = f"{metrics[key]:.6g}"
+    return tags
+
+
+def _description(run: Run, meta: dict, parity: str) -> str:
+    m, pre = run.data.metrics, meta["preprocessing"]
+    return "\n".join([
+        f"**{meta['architecture']}** trained on **{meta['dataset']}** (run `{run.info.run_id}`).",
+        "",
+        f"- validation: ACC {m.get('best_val_acc', float('nan')):.4f}, AUC {m.get('best_val_auc', float('nan')):.4f}"
+        f" (selected on validation)",
+        f"- test: ACC {m.get('test_acc', float('nan')):.4f}, AUC {m.get('test_auc', float('nan')):.4f}"
+        " (evaluated once, after selection)",
+        f"- input: float32 [N, {pre['in_chans']}, {pre['input_size']}, {pre['input_size']}] pixels in [0, 1] "
+        f"({pre.get('resize', 'bilinear')} resize); mean {pre['mean']} / std {pre['std']} applied inside the graph",
+        f"- classes: {', '.join(meta['class_names'])}",
+        f"- ONNX parity vs PyTorch: {parity}",
+    ])
+
+
+def _gate_champion(client, name: str, version: str, key: str, score: float, force: bool) -> tuple[bool, str]:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None and str(champion.version) == str(version):
+        return False, f"it is already the {CHAMPION}."
+    if champion is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True, f"it is the first {CHAMPION}."
+    # The champion's score as recorded at its registration: its run may since be deleted.
+    champion_score = float(champion.tags.get(key, "-inf"))
+    if force or score > champion_score:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        reason = "forced" if force and score <= champion_score else "better"
+        return True, f"it replaces {CHAMPION} v{champion.version} ({reason}: {key} {score:.4f} vs {champion_score:.4f})."
+    return False, (f"{CHAMPION} stays v{champion.version}: its {key} {champion_score:.4f} is not beaten by "
+                   f"{score:.4f} (use force to override).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.register", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--metric", default="auc", help="validation metric that chooses: auc or acc")
+    parser.add_argument("--force", default="false", help="true: make the chosen version champion regardless")
+    parser.add_argument("--data-dir", default="", help="dataset folder for the parity images")
+    args = parser.parse_args(argv)
+    force = args.force.lower() in ("true", "1", "yes")
+    try:
+        result = register_best(args.dataset, args.metric, force, args.data_dir or None)
+    except (RegistrationError, ExportError, ParityError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.message)
+    if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run -e register`
+        client = mlflow.MlflowClient()
+        for key, value in {"registered_model": result.name, "registered_version": result.version,
+                           "source_run": result.run_id, "champion_moved": str(result.promoted),
+                           "outcome": result.message}.items():
+            client.set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
