@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from medmnist import INFO
+
+# Tests never touch the user's BentoML store; set before anything imports bentoml.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="medzoo-test-bentoml-")
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = Path(os.environ.get("MEDZOO_REAL_DATA_DIR", ROOT.parent / "shared" / "data" / "medmnist"))

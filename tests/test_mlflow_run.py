@@ -85,3 +85,38 @@ def test_corrupt_data_file_fails_cleanly(tmp_path, mlflow_store):
     result = mlflow_run("dataset=breastmnist", f"data_dir={tmp_path}")
     assert result.returncode != 0 and "MD5" in result.stderr and "corrupt" in result.stderr
     assert [r.info.status for r in all_runs()] == ["FAILED"]
+
+
+def test_mlflow_run_main_trains_then_registers_with_nested_runs(synthetic_env, mlflow_store):
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
+            "-P", "models=mlp,cnn", "-P", "dataset=breastmnist", "-P", "epochs=1"]
+    result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r.info.run_name: r for r in all_runs()}
+    parent = runs["main-breastmnist"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags.get("model", "register") for r in children) == ["cnn", "mlp", "register"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    register_run = next(r for r in children if "registered_version" in r.data.tags)
+    assert register_run.data.tags["registered_model"] == "medzoo-breastmnist"
+    champion = mlflow.MlflowClient().get_model_version_by_alias("medzoo-breastmnist", "champion")
+    assert champion.tags["source_run"] == register_run.data.tags["source_run"]
+
+
+def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_store, tmp_path):
+    from training.config import TrainConfig
+    from training.train import run_training
+
+    outcome = run_training(TrainConfig(model="mlp", dataset="breastmnist", epochs=1), progress=False)
+    output = tmp_path / "exported" / "breast.onnx"
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
+            "-P", f"run_id={outcome.run_id}", "-P", f"output={output}"]
+    result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity: max |logit difference|" in result.stdout
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert props["source_run"] == outcome.run_id and props["model_version"] == ""
+    assert mlflow.search_registered_models() == []  # export never registers

@@ -1,0 +1,85 @@
+"""The models a service answers for: one onnxruntime session per task, with its metadata and aliases.
+
+Everything comes from the BentoML model store entries that ``serving.deploy`` wrote from the MLflow
+registry champions; this module never imports torch or the training code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.batching import MicroBatcher
+from serving.preprocessing import InputSpec, RequestError
+
+MODEL_PREFIX = "medzoo-"
+# Short names people use; every task also answers to its dataset name without the "mnist" suffix.
+EXTRA_ALIASES = {"organamnist": ("organ",), "bloodmnist": ("blood", "blood-cell")}
+
+
+def task_aliases(dataset: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((dataset, dataset.removesuffix("mnist"), *EXTRA_ALIASES.get(dataset, ()))))
+
+
+def _maybe_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class ServedModel:
+    task: str
+    spec: InputSpec
+    session: ort.InferenceSession
+    metadata: dict
+    batcher: MicroBatcher = field(init=False)
+
+    def __post_init__(self):
+        self.input_name = self.session.get_inputs()[0].name
+        self.batcher = MicroBatcher(self.logits)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return task_aliases(self.task)
+
+    def model_info(self) -> dict:
+        meta = self.metadata
+        return {
+            "registered_model": meta.get("registered_model", ""),
+            "version": meta.get("model_version", ""),
+            "architecture": meta.get("architecture", ""),
+            "dataset": self.task,
+            "val_acc": _maybe_float(meta.get("best_val_acc")),
+            "test_acc": _maybe_float(meta.get("test_acc")),
+        }
+
+
+def make_session(model_path: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Small models on few cores: one thread per call avoids oversubscription between concurrent batches.
+    options.intra_op_num_threads = int(os.environ.get("MEDZOO_ORT_THREADS", "1"))
+    return ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class Catalog:
+    def __init__(self, models: list[ServedModel]):
+        self.models = {m.task: m for m in models}
+        self._by_alias = {alias: m for m in models for alias in m.aliases}
+
+    def resolve(self, task: str) -> ServedModel:
+        key = (task or "").strip().lower()
+        if key in self._by_alias:
+            return self._by_alias[key]
+        served = ", ".join(f"{m.task} ({', '.join(m.aliases[1:])})" for m in self.models.values()) or "none"
+        close = difflib.get_close_matches(key, list(self._by_alias), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RequestError(f"Unknown task {task!r}.{hint} Served tasks: {served}.")

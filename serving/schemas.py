@@ -1,0 +1,48 @@
+"""Request and response schemas (pydantic); they appear in the service's OpenAPI page."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    registered_model: str = Field(description="MLflow registered model name, e.g. medzoo-organamnist")
+    version: str = Field(description="registered model version")
+    architecture: str
+    dataset: str
+    val_acc: float | None = Field(description="validation accuracy of the selected epoch")
+    test_acc: float | None = Field(description="test accuracy, evaluated once after selection")
+
+
+class Prediction(BaseModel):
+    task: str = Field(description="dataset the model was trained on")
+    label: str = Field(description="predicted class name")
+    class_index: int
+    confidence: float = Field(description="probability of the predicted class")
+    probabilities: dict[str, float] = Field(description="class name -> probability, highest first")
+    model: ModelInfo
+
+
+class BatchPrediction(BaseModel):
+    task: str
+    results: list[Prediction] = Field(description="one prediction per image, in upload order")
+
+
+class TaskInfo(BaseModel):
+    task: str
+    aliases: list[str]
+    class_names: list[str]
+    input_size: int
+    in_chans: int
+    resize: str
+    model: ModelInfo
+    largest_batch: int = Field(description="largest adaptive batch among the last 1000 onnxruntime calls")
+
+
+class Catalogue(BaseModel):
+    tasks: list[TaskInfo]
+    limits: dict[str, int]
+
+
+class ErrorMessage(BaseModel):
+    error: str

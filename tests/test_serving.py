@@ -1,0 +1,283 @@
+"""The BentoML service: in-process through its ASGI app, and end to end as a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from serving.preprocessing import MAX_BATCH_IMAGES, InputSpec, decode_image, to_model_input
+from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data
+from training.config import TrainConfig
+from training.data import load_dataset
+from training.engine import to_input
+from training.register import register_best
+from training.train import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def png(array: np.ndarray) -> bytes:
+    """uint8 [C, H, W] -> PNG bytes."""
+    image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, synthetic_data_dir):
+    """Tiny models trained, registered as champions and imported into the (test) BentoML store."""
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir))
+        mp.setenv("MEDZOO_VERIFY_MD5", "0")
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        for dataset in ("bloodmnist", "breastmnist"):
+            run_training(TrainConfig(model="cnn", dataset=dataset, epochs=2, batch_size=32,
+                                     model_kwargs={"filters": "8,16", "hidden": 32}), progress=False)
+            register_best(dataset)
+        from serving.deploy import deploy
+
+        deploy()
+        champions = {}
+        for dataset in ("bloodmnist", "breastmnist"):
+            local = mlflow.artifacts.download_artifacts(f"models:/medzoo-{dataset}@champion",
+                                                        dst_path=str(root / dataset))
+            champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
+        yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def client(deployed):
+    from starlette.testclient import TestClient
+
+    service = importlib.reload(importlib.import_module("serving.service"))  # declares the deployed models
+    with TestClient(service.MedZoo.to_asgi()) as test_client:
+        yield test_client
+
+
+def offline_probabilities(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
+    logits = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def post_image(client, data: bytes, task: str = "blood", name: str = "cell.png", route="/classify"):
+    return client.post(route, files={"image": (name, data, "image/png")}, data={"task": task})
+
+
+# --- preprocessing -----------------------------------------------------------------------------------
+
+
+@requires_real_data
+@pytest.mark.parametrize("dataset", ["bloodmnist", "organamnist", "breastmnist"])
+def test_service_preprocessing_equals_the_training_pipeline_on_real_test_images(dataset):
+    data = load_dataset(dataset, REAL_DATA_DIR)
+    spec = InputSpec(input_size=28, in_chans=data.channels, resize="bilinear", class_names=tuple(data.class_names))
+    images = data.test.images[:64]
+    served = np.stack([to_model_input(decode_image(png(img.numpy())), spec) for img in images])
+    assert served.dtype == np.float32
+    np.testing.assert_array_equal(served, to_input(images).numpy())
+
+
+def test_channels_and_size_follow_the_model():
+    rgb_spec = InputSpec(28, 3, "bilinear", ("a", "b"))
+    gray = Image.fromarray(np.full((64, 80), 200, np.uint8))
+    buffer = io.BytesIO()
+    gray.save(buffer, "BMP")
+    pixels = to_model_input(decode_image(buffer.getvalue()), rgb_spec)
+    assert pixels.shape == (3, 28, 28) and np.allclose(pixels, 200 / 255)
+
+
+# --- in-process through the ASGI app -----------------------------------------------------------------
+
+
+def test_classify_matches_offline_onnxruntime(client, deployed):
+    images = load_dataset("bloodmnist", deployed["data"]).test.images[:5]
+    expected = offline_probabilities(deployed["onnx"]["bloodmnist"], to_input(images).numpy())
+    for image, probs in zip(images, expected):
+        response = post_image(client, png(image.numpy()), task="blood")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["task"] == "bloodmnist" and body["class_index"] == int(probs.argmax())
+        assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert list(body["probabilities"].values()) == sorted(body["probabilities"].values(), reverse=True)
+        assert body["label"] == next(iter(body["probabilities"]))
+        assert body["model"]["registered_model"] == "medzoo-bloodmnist" and body["model"]["version"] == "1"
+        assert body["model"]["architecture"] == "cnn" and 0 <= body["model"]["val_acc"] <= 1
+
+
+def test_batch_endpoint_keeps_upload_order(client, deployed):
+    images = load_dataset("breastmnist", deployed["data"]).test.images[:6]
+    expected = offline_probabilities(deployed["onnx"]["breastmnist"], to_input(images).numpy())
+    files = [("images", (f"{i}.png", png(img.numpy()), "image/png")) for i, img in enumerate(images)]
+    response = client.post("/classify_batch", files=files, data={"task": "breast"})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["class_index"] for r in results] == expected.argmax(1).tolist()
+    assert [r["confidence"] for r in results] == pytest.approx(expected.max(1).tolist(), abs=1e-5)
+
+
+def test_models_lists_tasks_with_metadata(client):
+    response = client.get("/models")
+    assert response.status_code == 200
+    tasks = {t["task"]: t for t in response.json()["tasks"]}
+    assert set(tasks) == {"bloodmnist", "breastmnist"}
+    assert "blood" in tasks["bloodmnist"]["aliases"] and tasks["bloodmnist"]["in_chans"] == 3
+    assert tasks["breastmnist"]["class_names"] == ["malignant", "normal, benign"]
+    assert response.json()["limits"]["max_batch_images"] == MAX_BATCH_IMAGES
+    assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+    spec = client.get("/docs.json").json()
+    assert {"/classify", "/classify_batch", "/models"} <= set(spec["paths"])
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, "PNG")  # 36 Mpx in a few dozen kB
+    return buffer.getvalue()
+
+
+def bad_requests(image: bytes):
+    """(description, request kwargs, expected status, expected words in the error)."""
+    form = {"task": "blood"}
+    return [
+        ("unknown task", dict(files={"image": ("a.png", image, "image/png")}, data={"task": "lung"}),
+         422, "Served tasks: bloodmnist (blood, blood-cell), breastmnist (breast)"),
+        ("missing file", dict(data=form, files={"other": ("a.png", image, "image/png")}), 400,
+         "unexpected form field(s) 'other'"),
+        ("no file at all", dict(data=form, files={"task": (None, "blood")}), 400, "missing the file field 'image'"),
+        ("file given as a URL", dict(data=form, files={"image": (None, "http://127.0.0.1:9/x.png")}), 400,
+         "must be an uploaded file, not text"),
+        ("not an image", dict(files={"image": ("a.png", b"%PDF-1.4 not an image", "image/png")}, data=form),
+         415, "not a decodable image"),
+        ("truncated image", dict(files={"image": ("a.png", image[: len(image) // 2], "image/png")}, data=form),
+         422, "truncated or corrupt"),
+        ("wrong content type", dict(json={"task": "blood", "image": "aGVsbG8="}), 415, "multipart/form-data"),
+        ("file over the byte limit", dict(files={"image": ("a.png", b"\x89PNG" + bytes(11 * 1024 * 1024), "image/png")},
+                                          data=form), 413, "exceeds the limit"),
+        ("decompression bomb", dict(files={"image": ("a.png", _bomb(), "image/png")}, data=form), 413, "pixels"),
+        ("empty file", dict(files={"image": ("a.png", b"", "image/png")}, data=form), 400, "empty"),
+    ]
+
+
+def test_bad_requests_get_clear_4xx_json_and_service_keeps_answering(client, deployed):
+    image = png(load_dataset("bloodmnist", deployed["data"]).test.images[0].numpy())
+    for description, kwargs, status, words in bad_requests(image):
+        response = client.post("/classify", **kwargs)
+        assert response.status_code == status, (description, response.status_code, response.text)
+        assert words in response.json()["error"], (description, response.text)
+    files = [("images", (f"{i}.png", image, "image/png")) for i in range(MAX_BATCH_IMAGES + 1)]
+    response = client.post("/classify_batch", files=files, data={"task": "blood"})
+    assert response.status_code == 413 and f"limit of {MAX_BATCH_IMAGES}" in response.json()["error"]
+    assert post_image(client, image).status_code == 200
+
+
+def test_upload_guard_refuses_big_bodies_before_reading_them():
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from serving.guard import UploadGuard
+
+    guarded = UploadGuard(Starlette(), max_bytes=1000)
+    response = TestClient(guarded).post("/classify", files={"image": ("a.png", bytes(5000), "image/png")})
+    assert response.status_code == 413 and "exceeds the limit of 1000 bytes" in response.json()["error"]
+
+
+# --- end to end: a real `bentoml serve` on 127.0.0.1 --------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(deployed):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
+         "--port", str(port)],
+        cwd=ROOT, env=project_env(MLFLOW_TRACKING_URI=deployed["uri"]),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"bentoml serve exited early:\n{process.stdout.read()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("bentoml serve did not become ready within 120 s")
+    yield base, process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(server, deployed):
+    base, process = server
+    http = httpx.Client(base_url=base, timeout=30)
+    images = load_dataset("bloodmnist", deployed["data"]).test.images[:8]
+    expected = offline_probabilities(deployed["onnx"]["bloodmnist"], to_input(images).numpy())
+    for image, probs in zip(images, expected):
+        body = http.post("/classify", files={"image": ("c.png", png(image.numpy()), "image/png")},
+                         data={"task": "bloodmnist"}).json()
+        assert body["class_index"] == int(probs.argmax())
+        assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+    files = [("images", (f"{i}.png", png(img.numpy()), "image/png")) for i, img in enumerate(images)]
+    batch = http.post("/classify_batch", files=files, data={"task": "blood"}).json()["results"]
+    assert [r["class_index"] for r in batch] == expected.argmax(1).tolist()
+    models = http.get("/models").json()
+    assert {t["task"] for t in models["tasks"]} == {"bloodmnist", "breastmnist"}
+
+    for description, kwargs, status, words in bad_requests(png(images[0].numpy())):
+        response = http.post("/classify", **kwargs)
+        assert response.status_code == status, (description, response.text)
+        assert words in json.dumps(response.json()), description
+    assert process.poll() is None, "the server died"
+    after = http.post("/classify", files={"image": ("c.png", png(images[1].numpy()), "image/png")},
+                      data={"task": "blood"})
+    assert after.status_code == 200 and after.json()["class_index"] == int(expected[1].argmax())
+
+
+def test_concurrent_requests_are_batched(server, deployed):
+    import concurrent.futures
+
+    base, _ = server
+    image = png(load_dataset("bloodmnist", deployed["data"]).test.images[0].numpy())
+
+    def one(_):
+        return httpx.post(f"{base}/classify", files={"image": ("c.png", image, "image/png")},
+                          data={"task": "blood"}, timeout=30).json()["class_index"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(96)))
+    assert len(set(answers)) == 1
+    blood = next(t for t in httpx.get(f"{base}/models").json()["tasks"] if t["task"] == "bloodmnist")
+    assert blood["largest_batch"] > 1, "concurrent requests never shared an onnxruntime call"
