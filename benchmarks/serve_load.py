@@ -1,0 +1,238 @@
+"""Bounded HTTP load test on 127.0.0.1: this BentoML service vs `mlflow models serve`, same model.
+
+Builds a throw-away MLflow store and BentoML home (a `cnn` trained briefly on real OrganAMNIST, registered as
+champion and deployed), then for each server: cold start (process start to the first correct answer),
+C concurrent clients for T seconds with real test images, requests/s, latency percentiles, errors, server
+CPU time per request and server memory (RSS of the process tree) before and after. Clients send what each
+server is built for: PNG files to MedZoo (decoded and preprocessed server-side), the preprocessed float
+tensor as JSON to MLflow; request bodies are encoded once up front so the client stays light.
+
+    python benchmarks/serve_load.py [--concurrency 16] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import real_data_dir, write_section  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_cpu_seconds(process: psutil.Process) -> float:
+    procs = [process, *process.children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running())
+
+
+def tree_rss_mb(process: psutil.Process) -> float:
+    procs = [process, *process.children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+
+def prepare(workdir: Path, env: dict) -> None:
+    """Train, register and deploy a small real model into ``workdir``'s stores (subprocesses, real code)."""
+    steps = [
+        ["-m", "training.train", "--model", "cnn", "--dataset", "organamnist", "--epochs", "2",
+         "--max-train-samples", "8000", "--no-progress"],
+        ["-m", "training.register", "--dataset", "organamnist"],
+        ["-m", "serving.deploy", "--datasets", "organamnist"],
+    ]
+    for step in steps:
+        subprocess.run([sys.executable, *step], cwd=workdir, env=env, check=True, capture_output=True)
+
+
+BOUNDARY = "medzoo-load-test-boundary"
+
+
+def multipart_body(image_png: bytes, task: str) -> bytes:
+    """Encoded once per image, so the load generator spends its CPU on sending, not on encoding."""
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image_png + (
+            f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"task\"\r\n\r\n{task}\r\n"
+            f"--{BOUNDARY}--\r\n").encode()
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Target:
+    def __init__(self, name, command, env, cwd, request_for, expected):
+        self.name, self.command, self.env, self.cwd = name, command, env, cwd
+        self.request_for, self.expected = request_for, expected  # index -> httpx kwargs; index -> class
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        started = time.perf_counter()
+        self.process = psutil.Popen([*self.command, "--port", str(self.port)] if "bentoml" in self.command[2]
+                                    else [*self.command, "-p", str(self.port)],
+                                    cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = started + 180
+        while time.perf_counter() < deadline:
+            try:
+                response = httpx.post(self.url, timeout=5, **self.request_for(0))
+                if response.status_code == 200 and self.predicted(response) == self.expected[0]:
+                    return time.perf_counter() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} did not answer correctly within 180 s")
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/classify" if self.name == "MedZoo (BentoML)" else f"{self.base}/invocations"
+
+    def aiohttp_request(self, index: int) -> dict:
+        request = self.request_for(index)
+        return {"data": request["content"], "headers": request["headers"]}
+
+    def predicted(self, response) -> int:
+        return self.predicted_from(response.json())
+
+    def predicted_from(self, body: dict) -> int:
+        if "class_index" in body:
+            return body["class_index"]
+        return int(np.argmax(np.asarray(body["predictions"]["logits"])[0]))
+
+    def stop(self):
+        for child in self.process.children(recursive=True):
+            child.terminate()
+        self.process.terminate()
+        self.process.wait(30)
+
+
+async def load(target: Target, concurrency: int, seconds: float, n_images: int):
+    """C client coroutines (aiohttp: a light client, so the shared cores mostly measure the server)."""
+    import aiohttp
+
+    latencies, errors, wrong = [], 0, 0
+    deadline = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
+        async def worker(offset: int):
+            nonlocal errors, wrong
+            i = offset
+            while time.perf_counter() < deadline:
+                index = i % n_images
+                started = time.perf_counter()
+                try:
+                    async with client.post(target.url, **target.aiohttp_request(index)) as response:
+                        body = await response.json() if response.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    body = None
+                latencies.append(time.perf_counter() - started)
+                if body is None:
+                    errors += 1
+                elif target.predicted_from(body) != target.expected[index]:
+                    wrong += 1
+                i += concurrency
+        cpu_before = server_cpu_seconds(target.process)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        server_cpu = server_cpu_seconds(target.process) - cpu_before
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
+            "cpu_ms": 1000 * server_cpu / max(len(latencies), 1), "p50": np.percentile(ms, 50),
+            "p95": np.percentile(ms, 95), "p99": np.percentile(ms, 99), "errors": errors, "wrong": wrong}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--images", type=int, default=256, help="distinct real test images cycled through")
+    args = parser.parse_args()
+
+    data_dir = real_data_dir()
+    with tempfile.TemporaryDirectory(prefix="medzoo-load-") as tmp:
+        workdir = Path(tmp)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDZOO_DATA_DIR": str(data_dir),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "BENTOML_HOME": str(workdir / "bentoml"),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
+        prepare(workdir, env)
+        os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
+        from training.data import load_dataset  # noqa: E402 (after the env points at the temp stores)
+
+        test = load_dataset("organamnist", data_dir).test
+        images = test.images[: args.images]
+        multipart = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        medzoo_requests = [{"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart}
+                           for img in images]
+        mlflow_requests = [{"content": json.dumps({"inputs": (img.float() / 255).numpy()[None].tolist()}).encode(),
+                            "headers": {"Content-Type": "application/json"}} for img in images]
+        import mlflow
+        import onnxruntime as ort
+
+        local = mlflow.artifacts.download_artifacts("models:/medzoo-organamnist@champion", dst_path=str(workdir / "m"))
+        session = ort.InferenceSession(f"{local}/model.onnx")
+        expected = session.run(None, {session.get_inputs()[0].name: (images.float() / 255).numpy()})[0].argmax(1)
+
+        targets = [
+            Target("MedZoo (BentoML)", [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo",
+                                         "--host", "127.0.0.1"], env, ROOT,
+                   medzoo_requests.__getitem__, expected),
+            Target("mlflow models serve", [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                            "models:/medzoo-organamnist@champion", "--env-manager", "local",
+                                            "-h", "127.0.0.1"], env, workdir,
+                   mlflow_requests.__getitem__, expected),
+        ]
+        rows = []
+        for target in targets:
+            print(f"starting {target.name} ...", flush=True)
+            cold = target.start()
+            before = tree_rss_mb(target.process)
+            result = asyncio.run(load(target, args.concurrency, args.seconds, len(images)))
+            after = tree_rss_mb(target.process)
+            target.stop()
+            rows.append((target.name, cold, before, after, result))
+            print(f"{target.name}: {result['rps']:.0f} req/s, {result['cpu_ms']:.2f} ms server CPU/request, p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, "
+                  f"errors {result['errors']}, wrong {result['wrong']}, cold start {cold:.1f} s, "
+                  f"RSS {before:.0f} -> {after:.0f} MB", flush=True)
+
+    table = ["| server | req/s | p50 (ms) | p95 (ms) | p99 (ms) | server CPU per request (ms) | requests | errors | "
+             "wrong answers | cold start (s) | RSS before / after (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, cold, before, after, r in rows:
+        table.append(f"| {name} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} "
+                     f"| {r['requests']} "
+                     f"| {r['errors']} | {r['wrong']} | {cold:.1f} | {before:.0f} / {after:.0f} |")
+    ratio = rows[0][4]["rps"] / rows[1][4]["rps"]
+    write_section("serve_load", (
+        f"## Serving load test, OrganAMNIST cnn, {args.concurrency} concurrent clients for {args.seconds:.0f} s\n\n"
+        "Both servers on 127.0.0.1 with their default worker count, one after the other, the load generator "
+        "(one asyncio process) on the same 2 cores. Real OrganAMNIST test images: PNG uploads to MedZoo, "
+        "the preprocessed float tensor as JSON to MLflow's scoring server. Cold start: process start to the "
+        f"first correct answer.\nReproduce: `python benchmarks/serve_load.py`. Target: >= 5x MLflow's req/s, "
+        f"lower p99, zero errors.\n\n" + "\n".join(table) + f"\n\nMedZoo / MLflow requests/s: **{ratio:.1f}x**."
+    ))
+
+
+if __name__ == "__main__":
+    main()

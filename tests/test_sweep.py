@@ -1,0 +1,140 @@
+"""Sweeps: parent/child runs, pruning, resuming, two workers on one study, and bad input."""
+
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+
+from tests.conftest import ROOT, project_env
+from training.config import ConfigError, TrainConfig
+from training.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+common:
+  lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}
+  optimizer: {type: categorical, choices: [adam, sgd]}
+models:
+  cnn:
+    model.filters: {type: categorical, choices: ["4,8", "8,16"]}
+    model.kernel_size: {type: categorical, choices: [3, 5]}
+"""
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return str(path)
+
+
+def base(**overrides) -> TrainConfig:
+    values = dict(model="cnn", dataset="breastmnist", epochs=3, batch_size=32, model_kwargs={"hidden": 16})
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, space_file, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_sweep(base(), trials=3, space_file=space_file, storage=storage, pruning=True, progress=False)
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-cnn-breastmnist"
+    children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    client = mlflow.MlflowClient()
+    for child in children:  # same names as a plain training run, one value per epoch trained
+        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
+        assert {"lr", "optimizer", "model_filters", "model_kernel_size"} <= set(child.data.params)
+    best = result.study.best_trial
+    assert parent.data.params["best_lr"] == str(best.params["lr"])
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(best.value)
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= artifacts or (
+        "plots/optimization_history.png" in artifacts and "param_importances" in parent.data.tags)
+
+    resumed = run_sweep(base(), trials=2, space_file=space_file, storage=storage, progress=False)
+    assert len(resumed.study.trials) == 5 and resumed.study.study_name == "cnn-breastmnist"
+    assert sorted(t.number for t in resumed.study.trials) == [0, 1, 2, 3, 4]
+
+
+def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="pruned", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    for value in (0.99, 0.99):  # two strong finished trials: the next, trained with lr ~ 0, must be pruned
+        trial = study.ask()
+        for step in (1, 2, 3):
+            trial.report(value, step)
+        study.tell(trial, value)
+    hopeless = space_file.replace("space.yaml", "hopeless.yaml")
+    open(hopeless, "w").write("common:\n  lr: {type: float, low: 1.0e-9, high: 2.0e-9}\n")
+    result = run_sweep(base(epochs=4), trials=1, space_file=hopeless, storage=storage, study_name="pruned",
+                       progress=False)
+    last = result.study.trials[-1]
+    assert last.state == optuna.trial.TrialState.PRUNED
+    run = mlflow.get_run(last.user_attrs["mlflow_run_id"])
+    assert run.data.tags["pruned"] == "true" and run.info.status == "FINISHED"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_auc")) < 4
+
+
+def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
+    mlflow.search_experiments()  # the tracking store exists before the workers start (as a server's would)
+    command = [sys.executable, "-m", "training.sweep", "--model", "cnn", "--dataset", "breastmnist",
+               "--epochs", "1", "--batch-size", "32", "--trials", "2", "--space-file", space_file,
+               "--storage", storage, "--study-name", "shared", "--no-progress"]
+    workers = [subprocess.Popen(command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 4 and sorted(numbers) == [0, 1, 2, 3]
+    parents = [r for r in all_runs() if r.info.run_name == "sweep-shared"]
+    assert len(parents) == 2
+
+
+@pytest.mark.parametrize("space, trials, model, message", [
+    ("common: [unclosed", 3, "cnn", "is not valid YAML"),
+    ("common:\n  learning_rate: {type: float, low: 0.1, high: 0.2}\n", 3, "cnn", "unknown parameter"),
+    ("models:\n  cnn:\n    model.kernel: {type: categorical, choices: [3]}\n", 3, "cnn", "has no option 'kernel'"),
+    ("common:\n  lr: {type: float, low: 0.2, high: 0.1}\n", 3, "cnn", "needs low < high"),
+    ("models:\n  cnn:\n    model.pool: {type: categorical, choices: [max, median]}\n", 3, "cnn",
+     "pool='median' is not one of"),
+    (SPACE, 0, "cnn", "trials=0 must be >= 1"),
+    (SPACE, 3, "cnnn", "Unknown model 'cnnn'"),
+])
+def test_bad_sweep_input_fails_before_any_run(space, trials, model, message, synthetic_env, mlflow_store, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(space)
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(base(model=model), trials=trials, space_file=str(path),
+                  storage=f"sqlite:///{tmp_path / 'o.db'}", progress=False)
+    assert all_runs() == []
+
+
+def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
+    from training.leaderboard import run_leaderboard
+
+    parent_id, rows = run_leaderboard(["mlp", "cnn"], ["breastmnist", "bloodmnist"],
+                                      TrainConfig(epochs=1, batch_size=32), progress=False)
+    assert sorted((r["dataset"], r["model"]) for r in rows) == [
+        ("bloodmnist", "cnn"), ("bloodmnist", "mlp"), ("breastmnist", "cnn"), ("breastmnist", "mlp")]
+    children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    table = mlflow.artifacts.load_text(f"runs:/{parent_id}/leaderboard.md")
+    assert table.count("\n| b") == 4 and "| breastmnist | " in table and "0.863" in table and "0.958" in table
+    csv_text = mlflow.artifacts.load_text(f"runs:/{parent_id}/leaderboard.csv")
+    assert csv_text.splitlines()[0].startswith("model,dataset,best_val_acc") and len(csv_text.splitlines()) == 5
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "plots")}
+    assert plots == {"plots/accuracy_vs_train_time.png"}
