@@ -64,10 +64,10 @@ def main() -> None:
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
-        def run_onnx(x):
+        def run_onnx(x, session=session, input_name=input_name):
             return session.run(None, {input_name: x})[0]
 
-        def run_torch(x):
+        def run_torch(x, model=model):
             with torch.inference_mode():
                 return model(torch.from_numpy(x)).numpy()
 

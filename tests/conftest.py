@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -79,6 +80,24 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def store_with_synthetic_data(root: Path, data_dir: Path):
+    """For module-scoped fixtures: a tracking store in ``root`` and the synthetic data, undone afterwards."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MEDZOO_DATA_DIR", str(data_dir))
+        mp.setenv("MEDZOO_VERIFY_MD5", "0")
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def project_env(**extra) -> dict:

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from tests.conftest import store_with_synthetic_data
 from training.config import TrainConfig
 from training.export import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
 from training.register import RegistrationError, candidate_runs, choose_best, register_best
@@ -20,14 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, synthetic_data_dir):
     """Three tiny trained runs on synthetic BloodMNIST with known validation/test metrics."""
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir))
-        mp.setenv("MEDZOO_VERIFY_MD5", "0")
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with store_with_synthetic_data(tmp_path_factory.mktemp("registry"), synthetic_data_dir):
         client = mlflow.MlflowClient()
         runs = {}
         for label, model, kwargs in (("small", "cnn", {"filters": "8,16", "hidden": 32}),
@@ -41,7 +35,6 @@ def store(tmp_path_factory, synthetic_data_dir):
             client.log_metric(runs[label], "best_val_auc", val_auc)
             client.log_metric(runs[label], "test_auc", test_auc)
         yield runs
-        mlflow.set_tracking_uri(None)
 
 
 def registry_snapshot():
@@ -115,7 +108,7 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir)
     assert "selected on validation" in version.description and "parity" in version.description
 
     # The ONNX file: one self-contained graph with its metadata and a dynamic batch.
-    local = mlflow.artifacts.download_artifacts(f"models:/medzoo-bloodmnist@champion")
+    local = mlflow.artifacts.download_artifacts("models:/medzoo-bloodmnist@champion")
     proto = onnx.load(f"{local}/model.onnx")
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["dataset"] == "bloodmnist" and props["model_version"] == "1" and props["source_run"] == store["small"]

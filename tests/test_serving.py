@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from serving.preprocessing import MAX_BATCH_IMAGES, InputSpec, decode_image, to_model_input
-from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data
+from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data, store_with_synthetic_data
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.engine import to_input
@@ -40,13 +40,7 @@ def png(array: np.ndarray) -> bytes:
 def deployed(tmp_path_factory, synthetic_data_dir):
     """Tiny models trained, registered as champions and imported into the (test) BentoML store."""
     root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir))
-        mp.setenv("MEDZOO_VERIFY_MD5", "0")
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with store_with_synthetic_data(root, synthetic_data_dir) as uri:
         for dataset in ("bloodmnist", "breastmnist"):
             run_training(TrainConfig(model="cnn", dataset=dataset, epochs=2, batch_size=32,
                                      model_kwargs={"filters": "8,16", "hidden": 32}), progress=False)
@@ -60,7 +54,6 @@ def deployed(tmp_path_factory, synthetic_data_dir):
                                                         dst_path=str(root / dataset))
             champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
         yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ with the same command on several machines share it.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time

@@ -78,7 +78,7 @@ def run_training(
     size, notes = input_size_for(config)
     torch.manual_seed(config.seed)
     tags = {"model": config.model, "dataset": config.dataset, "size": str(size), **(extra_tags or {})}
-    with tracked_run_for(config, tags, nested) as run:
+    with tracking.tracked_run(f"{config.model}-{config.dataset}", tags, nested=nested) as run:
         started = time.perf_counter()
         dataset = load_dataset(
             config.dataset, config.data_dir or None, size=size,
@@ -131,10 +131,6 @@ def run_training(
             "best_val_auc": val_metrics["best_val_auc"],
         })
         return TrainOutcome(run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
-
-
-def tracked_run_for(config: TrainConfig, tags: dict, nested: bool):
-    return tracking.tracked_run(f"{config.model}-{config.dataset}", tags, nested=nested)
 
 
 def _example_batch(dataset: ImageDataset) -> torch.Tensor:
