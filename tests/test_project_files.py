@@ -32,3 +32,11 @@ def test_mlproject_train_parameters_match_the_cli_and_config():
         if name in ("dropout", "model_kwargs"):
             continue
         assert str(spec["default"]) == str(getattr(defaults, name)) or float(spec["default"]) == getattr(defaults, name)
+
+
+def test_every_entry_point_passes_each_parameter_to_its_command():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert set(project["entry_points"]) == {"train", "register", "export", "main", "deploy", "sweep", "benchmark"}
+    for name, entry in project["entry_points"].items():
+        for param in entry.get("parameters", {}):
+            assert f"{{{param}}}" in entry["command"], (name, param)

@@ -6,6 +6,7 @@ this module only reports each epoch through the ``on_epoch_end`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -54,13 +55,29 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
+def to_batch(images: torch.Tensor) -> torch.Tensor:
+    """``to_input`` in channels-last layout: oneDNN's CPU convolutions run 1.5-2x faster on it (same values)."""
+    return to_input(images).contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def channels_last(model: nn.Module):
+    """Train and evaluate in channels-last layout, hand the model back in the default layout."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # fused: one kernel for all parameters instead of a loop of small ones (supported on CPU since torch 2.4)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
     raise ValueError(f"optimizer={name!r} is not one of: {', '.join(OPTIMIZERS)}")
@@ -94,7 +111,7 @@ def predict(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -
     model.eval()
     probs, loss_sum = [], 0.0
     for start in range(0, len(split), batch_size):
-        logits = model(to_input(split.images[start : start + batch_size]))
+        logits = model(to_batch(split.images[start : start + batch_size]))
         labels = split.labels[start : start + batch_size]
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         probs.append(logits.softmax(dim=1))
@@ -127,7 +144,7 @@ def train_steps(model: nn.Module, optimizer, batches: Iterable, l1: float = 0.0,
     model.train()
     seen, loss_sum, correct = 0, 0.0, 0
     for images, labels in batches:
-        logits = model(to_input(images))
+        logits = model(to_batch(images))
         loss = nn.functional.cross_entropy(logits, labels)
         objective = loss + l1 * l1_penalty(model) if l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
@@ -161,57 +178,58 @@ def fit(
     progress: bool = True,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best epoch by ``select_metric``."""
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(batch_indices(torch.arange(len(train)), batch_size))
-    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-    sched, per_batch = make_scheduler(scheduler, opt, epochs, steps_per_epoch)
-    result, best_state, epochs_without_gain = FitResult(), None, 0
+    with channels_last(model):
+        generator = torch.Generator().manual_seed(seed)
+        steps_per_epoch = len(batch_indices(torch.arange(len(train)), batch_size))
+        opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+        sched, per_batch = make_scheduler(scheduler, opt, epochs, steps_per_epoch)
+        result, best_state, epochs_without_gain = FitResult(), None, 0
 
-    epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not progress)
-    for epoch in epoch_bar:
-        started = time.perf_counter()
-        order = torch.randperm(len(train), generator=generator)
-        batches = batch_indices(order, batch_size)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress)
-        train_stats = train_steps(model, opt, ((train.images[i], train.labels[i]) for i in bar), l1,
-                                  sched if per_batch else None)
-        train_seconds = time.perf_counter() - started
-        result.train_time += train_seconds
-        result.images_seen += train_stats.images
+        epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+        for epoch in epoch_bar:
+            started = time.perf_counter()
+            order = torch.randperm(len(train), generator=generator)
+            batches = batch_indices(order, batch_size)
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress)
+            train_stats = train_steps(model, opt, ((train.images[i], train.labels[i]) for i in bar), l1,
+                                      sched if per_batch else None)
+            train_seconds = time.perf_counter() - started
+            result.train_time += train_seconds
+            result.images_seen += train_stats.images
 
-        val_metrics, _ = evaluate(model, val, class_names, "val")
-        metrics = {
-            "train_loss": train_stats.loss,
-            "train_acc": train_stats.acc,
-            **val_metrics,
-            "lr": opt.param_groups[0]["lr"],
-            "epoch_time": time.perf_counter() - started,
-            "train_images_per_sec": train_stats.images / train_seconds,
-        }
-        score = metrics[select_metric]
-        if sched is not None and not per_batch:
-            sched.step(score) if scheduler == "plateau" else sched.step()
+            val_metrics, _ = evaluate(model, val, class_names, "val")
+            metrics = {
+                "train_loss": train_stats.loss,
+                "train_acc": train_stats.acc,
+                **val_metrics,
+                "lr": opt.param_groups[0]["lr"],
+                "epoch_time": time.perf_counter() - started,
+                "train_images_per_sec": train_stats.images / train_seconds,
+            }
+            score = metrics[select_metric]
+            if sched is not None and not per_batch:
+                sched.step(score) if scheduler == "plateau" else sched.step()
 
-        improved = not math.isnan(score) and score > result.best_score
-        if improved or best_state is None:
-            result.best_epoch, result.best_score = epoch, (score if improved else result.best_score)
-            best_state = copy.deepcopy(model.state_dict())
-            epochs_without_gain = 0
-        else:
-            epochs_without_gain += 1
-        epoch_result = EpochResult(epoch, metrics)
-        result.history.append(epoch_result)
-        epoch_bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}",
-                              val_auc=f"{metrics['val_auc']:.3f}", best=result.best_epoch)
-        if on_epoch_end is not None:
-            try:
-                on_epoch_end(epoch_result)
-            except StopTraining:
+            improved = not math.isnan(score) and score > result.best_score
+            if improved or best_state is None:
+                result.best_epoch, result.best_score = epoch, (score if improved else result.best_score)
+                best_state = copy.deepcopy(model.state_dict())
+                epochs_without_gain = 0
+            else:
+                epochs_without_gain += 1
+            epoch_result = EpochResult(epoch, metrics)
+            result.history.append(epoch_result)
+            epoch_bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}",
+                                  val_auc=f"{metrics['val_auc']:.3f}", best=result.best_epoch)
+            if on_epoch_end is not None:
+                try:
+                    on_epoch_end(epoch_result)
+                except StopTraining:
+                    result.stopped_early = True
+                    break
+            if patience and epochs_without_gain >= patience:
                 result.stopped_early = True
                 break
-        if patience and epochs_without_gain >= patience:
-            result.stopped_early = True
-            break
 
-    model.load_state_dict(best_state)
-    return result
+        model.load_state_dict(best_state)
+        return result
