@@ -8,7 +8,7 @@ SHARED_DATA := $(abspath ../shared/data/medmnist)
 export MEDZOO_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/*.npz),$(SHARED_DATA),)
 ARGS ?=
 
-.PHONY: setup train test benchmarks ui clean
+.PHONY: setup train test lint ui clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ train: setup
 
 test: setup
 	python -m pytest $(ARGS)
+
+lint: setup
+	ruff check zoo training serving benchmarks tests
+	ruff format --check zoo training serving benchmarks tests
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -22,8 +22,10 @@ def real_data_dir() -> Path:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def write_section(name: str, body: str) -> None:
@@ -31,7 +33,9 @@ def write_section(name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     stamp = f"_Measured {dt.date.today().isoformat()} on {machine()}._\n\n"
     block = f"{start}\n{stamp}{body.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    text = (
+        RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    )
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
     RESULTS.write_text(text)

@@ -85,22 +85,32 @@ def main() -> None:
             summary[label] = (np.percentile(b1, 50), np.percentile(b1, 99), 64 / statistics.median(stats[label]["b64"]))
         speedup = summary["torch"][0] / summary["onnx"][0]
         rows.append((name, *summary["torch"], *summary["onnx"], speedup))
-        print(f"{name:12s} torch p50 {summary['torch'][0]:.2f} ms  onnx p50 {summary['onnx'][0]:.2f} ms  "
-              f"x{speedup:.1f} at batch 1", flush=True)
+        print(
+            f"{name:12s} torch p50 {summary['torch'][0]:.2f} ms  onnx p50 {summary['onnx'][0]:.2f} ms  "
+            f"x{speedup:.1f} at batch 1",
+            flush=True,
+        )
 
-    table = ["| model | torch p50 (ms) | torch p99 (ms) | torch b64 (img/s) | onnxruntime p50 (ms) | "
-             "onnxruntime p99 (ms) | onnxruntime b64 (img/s) | batch-1 speed-up (p50) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    table += [f"| {n} | {a:.2f} | {b:.2f} | {c:.0f} | {d:.2f} | {e:.2f} | {f:.0f} | {x:.1f}x |"
-              for n, a, b, c, d, e, f, x in rows]
-    write_section("onnx_latency", (
-        "## Inference: onnxruntime vs eager PyTorch, 28 px, 1 channel, 11 classes\n\n"
-        f"Batch-1 latency percentiles over {args.repeats} x {args.calls} calls on real OrganAMNIST validation "
-        "images; batch-64 throughput as the median of 10 x repeats calls. Both in one process, alternating; "
-        "PyTorch under `torch.inference_mode()`.\n"
-        "Reproduce: `python benchmarks/onnx_latency.py`. Target: onnxruntime >= 2x eager PyTorch at batch 1.\n\n"
-        + "\n".join(table)
-    ))
+    table = [
+        "| model | torch p50 (ms) | torch p99 (ms) | torch b64 (img/s) | onnxruntime p50 (ms) | "
+        "onnxruntime p99 (ms) | onnxruntime b64 (img/s) | batch-1 speed-up (p50) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    table += [
+        f"| {n} | {a:.2f} | {b:.2f} | {c:.0f} | {d:.2f} | {e:.2f} | {f:.0f} | {x:.1f}x |"
+        for n, a, b, c, d, e, f, x in rows
+    ]
+    write_section(
+        "onnx_latency",
+        (
+            "## Inference: onnxruntime vs eager PyTorch, 28 px, 1 channel, 11 classes\n\n"
+            f"Batch-1 latency percentiles over {args.repeats} x {args.calls} calls on real OrganAMNIST validation "
+            "images; batch-64 throughput as the median of 10 x repeats calls. Both in one process, alternating; "
+            "PyTorch under `torch.inference_mode()`.\n"
+            "Reproduce: `python benchmarks/onnx_latency.py`. Target: onnxruntime >= 2x eager PyTorch at batch 1.\n\n"
+            + "\n".join(table)
+        ),
+    )
 
 
 if __name__ == "__main__":

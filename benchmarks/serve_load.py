@@ -54,8 +54,19 @@ def tree_rss_mb(process: psutil.Process) -> float:
 def prepare(workdir: Path, env: dict) -> None:
     """Train, register and deploy a small real model into ``workdir``'s stores (subprocesses, real code)."""
     steps = [
-        ["-m", "training.train", "--model", "cnn", "--dataset", "organamnist", "--epochs", "2",
-         "--max-train-samples", "8000", "--no-progress"],
+        [
+            "-m",
+            "training.train",
+            "--model",
+            "cnn",
+            "--dataset",
+            "organamnist",
+            "--epochs",
+            "2",
+            "--max-train-samples",
+            "8000",
+            "--no-progress",
+        ],
         ["-m", "training.register", "--dataset", "organamnist"],
         ["-m", "serving.deploy", "--datasets", "organamnist"],
     ]
@@ -68,10 +79,16 @@ BOUNDARY = "medzoo-load-test-boundary"
 
 def multipart_body(image_png: bytes, task: str) -> bytes:
     """Encoded once per image, so the load generator spends its CPU on sending, not on encoding."""
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image_png + (
-            f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"task\"\r\n\r\n{task}\r\n"
-            f"--{BOUNDARY}--\r\n").encode()
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image_png
+        + (
+            f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="task"\r\n\r\n{task}\r\n--{BOUNDARY}--\r\n'
+        ).encode()
+    )
 
 
 def png(image: np.ndarray) -> bytes:
@@ -89,9 +106,15 @@ class Target:
 
     def start(self) -> float:
         started = time.perf_counter()
-        self.process = psutil.Popen([*self.command, "--port", str(self.port)] if "bentoml" in self.command[2]
-                                    else [*self.command, "-p", str(self.port)],
-                                    cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = psutil.Popen(
+            [*self.command, "--port", str(self.port)]
+            if "bentoml" in self.command[2]
+            else [*self.command, "-p", str(self.port)],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = started + 180
         while time.perf_counter() < deadline:
             try:
@@ -134,6 +157,7 @@ async def load(target: Target, concurrency: int, seconds: float, n_images: int):
     deadline = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
+
         async def worker(offset: int):
             nonlocal errors, wrong
             i = offset
@@ -151,15 +175,23 @@ async def load(target: Target, concurrency: int, seconds: float, n_images: int):
                 elif target.predicted_from(body) != target.expected[index]:
                     wrong += 1
                 i += concurrency
+
         cpu_before = server_cpu_seconds(target.process)
         started = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - started
         server_cpu = server_cpu_seconds(target.process) - cpu_before
     ms = np.array(latencies) * 1000
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
-            "cpu_ms": 1000 * server_cpu / max(len(latencies), 1), "p50": np.percentile(ms, 50),
-            "p95": np.percentile(ms, 95), "p99": np.percentile(ms, 99), "errors": errors, "wrong": wrong}
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "cpu_ms": 1000 * server_cpu / max(len(latencies), 1),
+        "p50": np.percentile(ms, 50),
+        "p95": np.percentile(ms, 95),
+        "p99": np.percentile(ms, 99),
+        "errors": errors,
+        "wrong": wrong,
+    }
 
 
 def main() -> None:
@@ -172,9 +204,14 @@ def main() -> None:
     data_dir = real_data_dir()
     with tempfile.TemporaryDirectory(prefix="medzoo-load-") as tmp:
         workdir = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDZOO_DATA_DIR": str(data_dir),
-               "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "BENTOML_HOME": str(workdir / "bentoml"),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "MEDZOO_DATA_DIR": str(data_dir),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            "BENTOML_HOME": str(workdir / "bentoml"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
         print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
         prepare(workdir, env)
         os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
@@ -183,10 +220,16 @@ def main() -> None:
         test = load_dataset("organamnist", data_dir).test
         images = test.images[: args.images]
         multipart = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        medzoo_requests = [{"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart}
-                           for img in images]
-        mlflow_requests = [{"content": json.dumps({"inputs": (img.float() / 255).numpy()[None].tolist()}).encode(),
-                            "headers": {"Content-Type": "application/json"}} for img in images]
+        medzoo_requests = [
+            {"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart} for img in images
+        ]
+        mlflow_requests = [
+            {
+                "content": json.dumps({"inputs": (img.float() / 255).numpy()[None].tolist()}).encode(),
+                "headers": {"Content-Type": "application/json"},
+            }
+            for img in images
+        ]
         import mlflow
         import onnxruntime as ort
 
@@ -195,13 +238,56 @@ def main() -> None:
         expected = session.run(None, {session.get_inputs()[0].name: (images.float() / 255).numpy()})[0].argmax(1)
 
         targets = [
-            Target("MedZoo (BentoML)", [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo",
-                                         "--host", "127.0.0.1"], env, ROOT,
-                   medzoo_requests.__getitem__, expected),
-            Target("mlflow models serve", [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                                            "models:/medzoo-organamnist@champion", "--env-manager", "local",
-                                            "-h", "127.0.0.1"], env, workdir,
-                   mlflow_requests.__getitem__, expected),
+            Target(
+                "MedZoo (BentoML)",
+                [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1"],
+                env,
+                ROOT,
+                medzoo_requests.__getitem__,
+                expected,
+            ),
+            Target(
+                "mlflow models serve",
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    "models:/medzoo-organamnist@champion",
+                    "--env-manager",
+                    "local",
+                    "-h",
+                    "127.0.0.1",
+                ],
+                env,
+                workdir,
+                mlflow_requests.__getitem__,
+                expected,
+            ),
+            Target(
+                f"mlflow models serve -w {os.cpu_count()}",
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    "models:/medzoo-organamnist@champion",
+                    "--env-manager",
+                    "local",
+                    "-h",
+                    "127.0.0.1",
+                    "-w",
+                    str(os.cpu_count()),
+                ],
+                env,
+                workdir,
+                mlflow_requests.__getitem__,
+                expected,
+            ),
         ]
         rows = []
         for target in targets:
@@ -212,30 +298,46 @@ def main() -> None:
             after = tree_rss_mb(target.process)
             target.stop()
             rows.append((target.name, cold, before, after, result))
-            print(f"{target.name}: {result['rps']:.0f} req/s, {result['cpu_ms']:.2f} ms server CPU/request, p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, "
-                  f"errors {result['errors']}, wrong {result['wrong']}, cold start {cold:.1f} s, "
-                  f"RSS {before:.0f} -> {after:.0f} MB", flush=True)
+            print(
+                f"{target.name}: {result['rps']:.0f} req/s, {result['cpu_ms']:.2f} ms server CPU/request, "
+                f"p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, "
+                f"errors {result['errors']}, wrong {result['wrong']}, cold start {cold:.1f} s, "
+                f"RSS {before:.0f} -> {after:.0f} MB",
+                flush=True,
+            )
 
-    table = ["| server | req/s | p50 (ms) | p95 (ms) | p99 (ms) | server CPU per request (ms) | requests | errors | "
-             "wrong answers | cold start (s) | RSS before / after (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table = [
+        "| server | req/s | p50 (ms) | p95 (ms) | p99 (ms) | server CPU per request (ms) | requests | errors | "
+        "wrong answers | cold start (s) | RSS before / after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, cold, before, after, r in rows:
-        table.append(f"| {name} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} "
-                     f"| {r['requests']} "
-                     f"| {r['errors']} | {r['wrong']} | {cold:.1f} | {before:.0f} / {after:.0f} |")
+        table.append(
+            f"| {name} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} "
+            f"| {r['requests']} "
+            f"| {r['errors']} | {r['wrong']} | {cold:.1f} | {before:.0f} / {after:.0f} |"
+        )
     ratio = rows[0][4]["rps"] / rows[1][4]["rps"]
-    write_section("serve_load", (
-        f"## Serving load test, OrganAMNIST cnn, {args.concurrency} concurrent clients for {args.seconds:.0f} s\n\n"
-        "Both servers on 127.0.0.1 with their default worker count, one after the other, the load generator "
-        "(one asyncio process) on the same 2 cores. Real OrganAMNIST test images: PNG uploads to MedZoo, "
-        "the preprocessed float tensor as JSON to MLflow's scoring server. Cold start: process start to the "
-        f"first correct answer.\nReproduce: `python benchmarks/serve_load.py`. Target: >= 5x MLflow's req/s, "
-        f"lower p99, zero errors.\n\n" + "\n".join(table) + f"\n\nMedZoo / MLflow requests/s: **{ratio:.1f}x**; "
-        f"server CPU per request, MLflow / MedZoo: **{rows[1][4]['cpu_ms'] / rows[0][4]['cpu_ms']:.1f}x**. "
-        "On a 2-core machine the load generator competes with the server for the same cores, so requests/s "
-        "saturates near the client's own limit for both servers; server CPU time per request is the comparison "
-        "that this sharing does not blur."
-    ))
+    ratio_same_workers = rows[0][4]["rps"] / rows[2][4]["rps"]
+    write_section(
+        "serve_load",
+        (
+            f"## Serving load test, OrganAMNIST cnn, {args.concurrency} concurrent clients for {args.seconds:.0f} s\n\n"
+            f"The servers on 127.0.0.1 one after the other: MedZoo with its default of one worker per core "
+            f"({os.cpu_count()}), MLflow with its default (1) and with as many workers as MedZoo. The load generator "
+            "(one asyncio process) on the same 2 cores. Real OrganAMNIST test images: PNG uploads to MedZoo, "
+            "the preprocessed float tensor as JSON to MLflow's scoring server. Cold start: process start to the "
+            f"first correct answer.\nReproduce: `python benchmarks/serve_load.py`. Target: >= 5x MLflow's req/s, "
+            f"lower p99, zero errors.\n\n"
+            + "\n".join(table)
+            + f"\n\nMedZoo / MLflow requests/s: **{ratio:.1f}x** (MLflow default), "
+            f"**{ratio_same_workers:.1f}x** (same worker count); "
+            f"server CPU per request, MLflow / MedZoo: **{rows[1][4]['cpu_ms'] / rows[0][4]['cpu_ms']:.1f}x**. "
+            "On a 2-core machine the load generator competes with the server for the same cores, so requests/s "
+            "saturates near the client's own limit for both servers; server CPU time per request is the comparison "
+            "that this sharing does not blur."
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Reference: ``medmnist.OrganAMNIST`` with ``ToTensor`` + ``Normalize`` and a ``DataLoader`` (what the MedMNIST
 experiments and getting-started notebook do). Ours: uint8 tensors in memory, batched indexing, normalisation
-inside the model, channels-last layout (as ``training.engine.fit`` trains). Both run the same model, batch size and optimiser step, alternating in the same process;
-the table reports medians over repeats and their ratio.
+inside the model, channels-last layout (as ``training.engine.fit`` trains). Both run the same model, batch size
+and optimiser step, alternating in the same process; the table reports medians over repeats and their ratio.
 
     python benchmarks/train_throughput.py [--steps 60] [--repeats 5] [--models mlp cnn resnet18 mobilenetv2]
 """
@@ -87,7 +87,10 @@ def main() -> None:
     dataset = load_dataset("organamnist", root)
     mean, std = dataset.channel_stats()
     reference_set = medmnist.OrganAMNIST(
-        split="train", root=str(root), download=False, size=28,
+        split="train",
+        root=str(root),
+        download=False,
+        size=28,
         transform=T.Compose([T.ToTensor(), T.Normalize(mean=mean, std=std)]),
     )
     rows = []
@@ -99,18 +102,24 @@ def main() -> None:
             ours.append(time_ours(fresh_model(name, 1, 11, mean, std), dataset, args.steps))
         ours_median, reference_median = statistics.median(ours), statistics.median(reference)
         rows.append((name, reference_median, ours_median, ours_median / reference_median))
-        print(f"{name:12s} reference {reference_median:8.0f} img/s   medzoo {ours_median:8.0f} img/s   "
-              f"x{ours_median / reference_median:.2f}", flush=True)
+        print(
+            f"{name:12s} reference {reference_median:8.0f} img/s   medzoo {ours_median:8.0f} img/s   "
+            f"x{ours_median / reference_median:.2f}",
+            flush=True,
+        )
 
     table = ["| model | reference pipeline (img/s) | MedZoo (img/s) | ratio |", "|---|---:|---:|---:|"]
     table += [f"| {n} | {r:.0f} | {o:.0f} | {x:.2f}x |" for n, r, o, x in rows]
-    write_section("train_throughput", (
-        "## Training throughput, OrganAMNIST 28 px, batch 128, Adam\n\n"
-        f"Medians of {args.repeats} alternating measurements of {args.steps} training steps each "
-        "(after 3 warm-up steps). Reference: `medmnist.OrganAMNIST` + `ToTensor`/`Normalize` + `DataLoader`.\n"
-        "Reproduce: `python benchmarks/train_throughput.py`. Target: >= 1.5x for mlp and cnn, never slower.\n\n"
-        + "\n".join(table)
-    ))
+    write_section(
+        "train_throughput",
+        (
+            "## Training throughput, OrganAMNIST 28 px, batch 128, Adam\n\n"
+            f"Medians of {args.repeats} alternating measurements of {args.steps} training steps each "
+            "(after 3 warm-up steps). Reference: `medmnist.OrganAMNIST` + `ToTensor`/`Normalize` + `DataLoader`.\n"
+            "Reproduce: `python benchmarks/train_throughput.py`. Target: >= 1.5x for mlp and cnn, never slower.\n\n"
+            + "\n".join(table)
+        ),
+    )
 
 
 if __name__ == "__main__":

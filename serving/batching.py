@@ -14,8 +14,9 @@ import numpy as np
 
 
 class MicroBatcher:
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 64,
-                 max_latency_ms: float = 5.0):
+    def __init__(
+        self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 64, max_latency_ms: float = 5.0
+    ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0

@@ -75,12 +75,16 @@ def deploy(datasets: list[str] | None = None) -> list[str]:
         wanted = {f"{MODEL_PREFIX}{d}" for d in datasets}
         missing = sorted(wanted - set(found))
         if missing:
-            raise DeployError(f"no champion for {', '.join(missing)}; champions exist for: "
-                              f"{', '.join(sorted(found)) or 'none'} (run the register step first).")
+            raise DeployError(
+                f"no champion for {', '.join(missing)}; champions exist for: "
+                f"{', '.join(sorted(found)) or 'none'} (run the register step first)."
+            )
         found = {k: v for k, v in found.items() if k in wanted}
     if not found:
-        raise DeployError(f"the registry at {mlflow.get_tracking_uri()} has no medzoo-* model with a "
-                          f"'{CHAMPION}' alias; train and register first.")
+        raise DeployError(
+            f"the registry at {mlflow.get_tracking_uri()} has no medzoo-* model with a "
+            f"'{CHAMPION}' alias; train and register first."
+        )
     lines = []
     for name, version in sorted(found.items()):
         model, created = import_champion(name, version)
@@ -90,8 +94,9 @@ def deploy(datasets: list[str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", default="", help="comma-separated datasets (default: every champion)")
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

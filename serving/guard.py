@@ -41,8 +41,11 @@ class UploadGuard:
         headers = dict(scope.get("headers") or [])
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if not content_type.startswith("multipart/form-data"):
-            return b"", (415, f"Content-Type {content_type or '(none)'!r} is not accepted: send multipart/form-data "
-                              f"with the file field {route[0]!r} and the field 'task'.")
+            return b"", (
+                415,
+                f"Content-Type {content_type or '(none)'!r} is not accepted: send multipart/form-data "
+                f"with the file field {route[0]!r} and the field 'task'.",
+            )
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return b"", self._too_big(int(length))

@@ -39,8 +39,12 @@ class InputSpec:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "InputSpec":
-        return cls(int(meta["input_size"]), int(meta["in_chans"]), meta.get("resize", "bilinear"),
-                   tuple(json.loads(meta["class_names"])))
+        return cls(
+            int(meta["input_size"]),
+            int(meta["in_chans"]),
+            meta.get("resize", "bilinear"),
+            tuple(json.loads(meta["class_names"])),
+        )
 
 
 def decode_image(data: bytes, filename: str = "image") -> Image.Image:
@@ -48,28 +52,36 @@ def decode_image(data: bytes, filename: str = "image") -> Image.Image:
     if not data:
         raise RequestError(f"{filename}: the file is empty.", HTTPStatus.BAD_REQUEST)
     if len(data) > MAX_IMAGE_BYTES:
-        raise RequestError(f"{filename}: {len(data)} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes.",
-                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raise RequestError(
+            f"{filename}: {len(data)} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes.",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
-                raise RequestError(f"{filename}: {image.format} images are not accepted; send "
-                                   f"{', '.join(ACCEPTED_FORMATS)}.", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+                raise RequestError(
+                    f"{filename}: {image.format} images are not accepted; send {', '.join(ACCEPTED_FORMATS)}.",
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                )
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise RequestError(f"{filename}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
-                                   "pixels.", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                raise RequestError(
+                    f"{filename}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels.",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                )
             image.load()
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise RequestError(f"{filename}: refused as a decompression bomb ({err}).",
-                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        raise RequestError(
+            f"{filename}: refused as a decompression bomb ({err}).", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        ) from None
     except UnidentifiedImageError:
-        raise RequestError(f"{filename}: not a decodable image; send {', '.join(ACCEPTED_FORMATS)}.",
-                           HTTPStatus.UNSUPPORTED_MEDIA_TYPE) from None
+        raise RequestError(
+            f"{filename}: not a decodable image; send {', '.join(ACCEPTED_FORMATS)}.", HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+        ) from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt streams
         raise RequestError(f"{filename}: the image data is truncated or corrupt ({err}).") from None
     return image

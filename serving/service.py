@@ -9,6 +9,7 @@ Models are the registry champions that ``serving.deploy`` imported into the Bent
 from __future__ import annotations
 
 import asyncio
+import os
 from http import HTTPStatus
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from serving.preprocessing import (
 )
 from serving.schemas import BatchPrediction, Catalogue, Prediction, TaskInfo
 
+
 def store_models() -> dict[str, bentoml.models.BentoModel]:
     """The latest version of every medzoo-* model in the BentoML store, keyed by a valid attribute name."""
     names = sorted({m.tag.name for m in bentoml.models.list() if m.tag.name.startswith(MODEL_PREFIX)})
@@ -46,8 +48,14 @@ def prediction(model: ServedModel, logits: np.ndarray) -> Prediction:
     best = int(probs.argmax())
     names = model.spec.class_names
     ranked = sorted(zip(names, probs.tolist()), key=lambda pair: -pair[1])
-    return Prediction(task=model.task, label=names[best], class_index=best, confidence=float(probs[best]),
-                      probabilities=dict(ranked), model=model.model_info())
+    return Prediction(
+        task=model.task,
+        label=names[best],
+        class_index=best,
+        confidence=float(probs[best]),
+        probabilities=dict(ranked),
+        model=model.model_info(),
+    )
 
 
 def error(err: RequestError) -> JSONResponse:
@@ -57,8 +65,9 @@ def error(err: RequestError) -> JSONResponse:
 def read_upload(path: Path, label: str) -> bytes:
     size = path.stat().st_size
     if size > MAX_IMAGE_BYTES:
-        raise RequestError(f"{label}: {size} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes.",
-                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raise RequestError(
+            f"{label}: {size} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes.", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        )
     return path.read_bytes()
 
 
@@ -91,13 +100,18 @@ class MedZoo:
         try:
             model = self.catalog.resolve(task)
             if not images:
-                raise RequestError("no images: send one or more files in the field 'images'.",
-                                   HTTPStatus.BAD_REQUEST)
+                raise RequestError("no images: send one or more files in the field 'images'.", HTTPStatus.BAD_REQUEST)
             if len(images) > MAX_BATCH_IMAGES:
-                raise RequestError(f"{len(images)} images exceeds the limit of {MAX_BATCH_IMAGES} per request.",
-                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            batch = np.stack([to_model_input(decode_image(read_upload(p, f"images[{i}]"), f"images[{i}]"), model.spec)
-                              for i, p in enumerate(images)])
+                raise RequestError(
+                    f"{len(images)} images exceeds the limit of {MAX_BATCH_IMAGES} per request.",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                )
+            batch = np.stack(
+                [
+                    to_model_input(decode_image(read_upload(p, f"images[{i}]"), f"images[{i}]"), model.spec)
+                    for i, p in enumerate(images)
+                ]
+            )
             logits = await asyncio.to_thread(model.logits, batch)
             return BatchPrediction(task=model.task, results=[prediction(model, row) for row in logits])
         except RequestError as err:
@@ -107,18 +121,37 @@ class MedZoo:
     def models(self) -> Catalogue:
         """The tasks served, with their model metadata and class names."""
         tasks = [
-            TaskInfo(task=m.task, aliases=list(m.aliases), class_names=list(m.spec.class_names),
-                     input_size=m.spec.input_size, in_chans=m.spec.in_chans, resize=m.spec.resize,
-                     model=m.model_info(), largest_batch=max(m.batcher.batch_sizes, default=0))
+            TaskInfo(
+                task=m.task,
+                aliases=list(m.aliases),
+                class_names=list(m.spec.class_names),
+                input_size=m.spec.input_size,
+                in_chans=m.spec.in_chans,
+                resize=m.spec.resize,
+                model=m.model_info(),
+                largest_batch=max(m.batcher.batch_sizes, default=0),
+            )
             for m in self.catalog.models.values()
         ]
-        return Catalogue(tasks=tasks, limits={"max_image_bytes": MAX_IMAGE_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS,
-                                              "max_batch_images": MAX_BATCH_IMAGES})
+        return Catalogue(
+            tasks=tasks,
+            limits={
+                "max_image_bytes": MAX_IMAGE_BYTES,
+                "max_image_pixels": MAX_IMAGE_PIXELS,
+                "max_batch_images": MAX_BATCH_IMAGES,
+            },
+        )
 
 
 for _attribute, _model in store_models().items():
     setattr(MedZoo, _attribute, _model)
 
 MedZoo = bentoml.asgi_app(catalogue_app, path="/")(MedZoo)
-MedZoo = bentoml.service(name="medzoo", traffic={"timeout": 60, "concurrency": 512})(MedZoo)
+# One worker process per core by default (each holds every model, a few MB, and its own batchers);
+# MEDZOO_WORKERS overrides it.
+MedZoo = bentoml.service(
+    name="medzoo",
+    workers=int(os.environ.get("MEDZOO_WORKERS", os.cpu_count() or 1)),
+    traffic={"timeout": 60, "concurrency": 512},
+)(MedZoo)
 MedZoo.add_asgi_middleware(UploadGuard)

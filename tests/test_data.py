@@ -8,11 +8,11 @@ from medmnist import INFO
 from tests.conftest import REAL_DATA_DIR, requires_real_data, write_synthetic_medmnist
 from training.data import (
     DatasetError,
+    Split,
     list_datasets,
     load_dataset,
     resolve_data_dir,
     stratified_subset,
-    Split,
 )
 
 
@@ -73,11 +73,14 @@ def test_max_train_samples_is_stratified_and_seeded():
     assert stratified_subset(split, 2, seed=0).labels.bincount().min() >= 0  # tiny budgets never crash
 
 
-@pytest.mark.parametrize("name, message", [
-    ("chestmnist", "multi-label"),
-    ("organmnist3d", "3-D"),
-    ("organmnist", "Did you mean"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("chestmnist", "multi-label"),
+        ("organmnist3d", "3-D"),
+        ("organmnist", "Did you mean"),
+    ],
+)
 def test_unsupported_and_unknown_datasets(name, message):
     with pytest.raises(DatasetError, match=message):
         load_dataset(name)
@@ -111,8 +114,11 @@ def test_missing_keys_and_wrong_shapes(tmp_path, monkeypatch):
     np.savez(tmp_path / "breastmnist.npz", train_images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(DatasetError, match="lacks the keys"):
         load_dataset("breastmnist", tmp_path)
-    arrays = {f"{s}_{k}": np.zeros((2, 28, 28, 3) if k == "images" else (2, 1), np.uint8)
-              for s in ("train", "val", "test") for k in ("images", "labels")}
+    arrays = {
+        f"{s}_{k}": np.zeros((2, 28, 28, 3) if k == "images" else (2, 1), np.uint8)
+        for s in ("train", "val", "test")
+        for k in ("images", "labels")
+    }
     np.savez(tmp_path / "breastmnist.npz", **arrays)
     with pytest.raises(DatasetError, match=r"expected \(N, 28, 28\) uint8"):
         load_dataset("breastmnist", tmp_path)

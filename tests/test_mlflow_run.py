@@ -25,8 +25,14 @@ def all_runs():
 
 
 def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
-    result = mlflow_run("model=cnn", "dataset=bloodmnist", "epochs=3", "batch_size=32", "lr=0.003",
-                        "model_kwargs=filters=8,16 hidden=32")
+    result = mlflow_run(
+        "model=cnn",
+        "dataset=bloodmnist",
+        "epochs=3",
+        "batch_size=32",
+        "lr=0.003",
+        "model_kwargs=filters=8,16 hidden=32",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs()
     run_id = run.info.run_id
@@ -40,18 +46,38 @@ def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
     metrics = run.data.metrics
-    for key in ("test_acc", "test_auc", "test_balanced_acc", "test_precision", "test_recall", "test_f1",
-                "test_recall_basophil", "train_time", "train_images_per_sec", "n_params", "best_epoch"):
+    for key in (
+        "test_acc",
+        "test_auc",
+        "test_balanced_acc",
+        "test_precision",
+        "test_recall",
+        "test_f1",
+        "test_recall_basophil",
+        "train_time",
+        "train_images_per_sec",
+        "n_params",
+        "best_epoch",
+    ):
         assert key in metrics, key
     assert 0.5 < metrics["test_acc"] <= 1.0 and metrics["n_params"] > 1000
 
     artifacts = {a.path for folder in ("", "plots", "reports") for a in client.list_artifacts(run_id, folder)}
-    assert {"plots/confusion_matrix_val.png", "plots/confusion_matrix_test.png", "plots/learning_curves.png",
-            "plots/test_mistakes.png", "reports/test_classification_report.txt", "config.json"} <= artifacts
+    assert {
+        "plots/confusion_matrix_val.png",
+        "plots/confusion_matrix_test.png",
+        "plots/learning_curves.png",
+        "plots/test_mistakes.png",
+        "reports/test_classification_report.txt",
+        "config.json",
+    } <= artifacts
     report = mlflow.artifacts.load_text(f"runs:/{run_id}/reports/test_classification_report.txt")
     assert "eosinophil" in report and "macro avg" in report
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
-        "bloodmnist-28px-train", "bloodmnist-28px-val", "bloodmnist-28px-test"}
+        "bloodmnist-28px-train",
+        "bloodmnist-28px-val",
+        "bloodmnist-28px-test",
+    }
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     meta = model.metadata.metadata["medzoo"]
@@ -66,11 +92,14 @@ def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("params, message", [
-    (["model=mobilenet"], "Unknown model 'mobilenet'. Did you mean mobilenetv2"),
-    (["dataset=bloodmnist", "optimizer=adagrad"], "optimizer='adagrad' is not one of"),
-    (["dataset=bloodmnist", "epochs=-2"], "epochs=-2 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (["model=mobilenet"], "Unknown model 'mobilenet'. Did you mean mobilenetv2"),
+        (["dataset=bloodmnist", "optimizer=adagrad"], "optimizer='adagrad' is not one of"),
+        (["dataset=bloodmnist", "epochs=-2"], "epochs=-2 must be >= 1"),
+    ],
+)
 def test_bad_parameters_fail_cleanly(params, message, synthetic_env, mlflow_store):
     result = mlflow_run(*params)
     assert result.returncode != 0
@@ -88,8 +117,23 @@ def test_corrupt_data_file_fails_cleanly(tmp_path, mlflow_store):
 
 
 def test_mlflow_run_main_trains_then_registers_with_nested_runs(synthetic_env, mlflow_store):
-    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
-            "-P", "models=mlp,cnn", "-P", "dataset=breastmnist", "-P", "epochs=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "main",
+        "--env-manager",
+        "local",
+        "-P",
+        "models=mlp,cnn",
+        "-P",
+        "dataset=breastmnist",
+        "-P",
+        "epochs=1",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r.info.run_name: r for r in all_runs()}
@@ -110,8 +154,21 @@ def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_stor
 
     outcome = run_training(TrainConfig(model="mlp", dataset="breastmnist", epochs=1), progress=False)
     output = tmp_path / "exported" / "breast.onnx"
-    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
-            "-P", f"run_id={outcome.run_id}", "-P", f"output={output}"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "export",
+        "--env-manager",
+        "local",
+        "-P",
+        f"run_id={outcome.run_id}",
+        "-P",
+        f"output={output}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity: max |logit difference|" in result.stdout

@@ -10,8 +10,11 @@ from training.train import build_parser
 
 
 def test_conda_env_lists_exactly_the_pinned_requirements():
-    requirements = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
+    requirements = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert pip_section == requirements

@@ -24,11 +24,15 @@ def store(tmp_path_factory, synthetic_data_dir):
     with store_with_synthetic_data(tmp_path_factory.mktemp("registry"), synthetic_data_dir):
         client = mlflow.MlflowClient()
         runs = {}
-        for label, model, kwargs in (("small", "cnn", {"filters": "8,16", "hidden": 32}),
-                                     ("large", "mlp", {"hidden": "64"}),
-                                     ("runner_up", "cnn", {"filters": "8", "hidden": 16})):
-            outcome = run_training(TrainConfig(model=model, dataset="bloodmnist", epochs=1, batch_size=32,
-                                               model_kwargs=kwargs), progress=False)
+        for label, model, kwargs in (
+            ("small", "cnn", {"filters": "8,16", "hidden": 32}),
+            ("large", "mlp", {"hidden": "64"}),
+            ("runner_up", "cnn", {"filters": "8", "hidden": 16}),
+        ):
+            outcome = run_training(
+                TrainConfig(model=model, dataset="bloodmnist", epochs=1, batch_size=32, model_kwargs=kwargs),
+                progress=False,
+            )
             runs[label] = outcome.run_id
         # Known metrics: small and large tie on validation, large is best on test (which must not matter).
         for label, val_auc, test_auc in (("small", 0.95, 0.70), ("large", 0.95, 0.99), ("runner_up", 0.90, 0.99)):
@@ -39,9 +43,14 @@ def store(tmp_path_factory, synthetic_data_dir):
 
 def registry_snapshot():
     client = mlflow.MlflowClient()
-    return sorted((m.name, sorted((v.version, v.tags.get("source_run")) for v in
-                                  client.search_model_versions(f"name = '{m.name}'")), sorted(m.aliases))
-                  for m in client.search_registered_models())
+    return sorted(
+        (
+            m.name,
+            sorted((v.version, v.tags.get("source_run")) for v in client.search_model_versions(f"name = '{m.name}'")),
+            sorted(m.aliases),
+        )
+        for m in client.search_registered_models()
+    )
 
 
 def test_selection_uses_validation_metrics_and_prefers_smaller_models(store):
@@ -52,11 +61,17 @@ def test_selection_uses_validation_metrics_and_prefers_smaller_models(store):
         choose_best(runs, "best_val_kappa")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(dataset="bloodmnst"), "Unknown dataset 'bloodmnst'. Did you mean bloodmnist"),
-    (dict(dataset="pathmnist"), "no finished runs with a model for dataset 'pathmnist'; datasets with runs: bloodmnist"),
-    (dict(dataset="bloodmnist", metric="f1"), "metric='f1' is not one of: auc, acc"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dataset="bloodmnst"), "Unknown dataset 'bloodmnst'. Did you mean bloodmnist"),
+        (
+            dict(dataset="pathmnist"),
+            "no finished runs with a model for dataset 'pathmnist'; datasets with runs: bloodmnist",
+        ),
+        (dict(dataset="bloodmnist", metric="f1"), "metric='f1' is not one of: auc, acc"),
+    ],
+)
 def test_bad_register_inputs_change_nothing(store, kwargs, message):
     before = registry_snapshot()
     with pytest.raises(RegistrationError, match=message):
@@ -83,6 +98,7 @@ def test_a_corrupted_export_fails_the_parity_check(store):
     report = check_parity(proto, model, images)
     assert not report.ok and report.max_abs_diff > 1e-4
     from training.export import require_parity
+
     with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(allowed 1e-04\)"):
         require_parity(proto, model, images)
 
@@ -116,12 +132,15 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir)
     assert props["in_chans"] == "3" and props["resize"] == "bilinear"
     onnx.checker.check_model(proto, full_check=True)
     session = ort.InferenceSession(proto.SerializeToString())
-    assert session.get_inputs()[0].shape[0] in ("batch", "s0", None) or isinstance(session.get_inputs()[0].shape[0], str)
+    assert session.get_inputs()[0].shape[0] in ("batch", "s0", None) or isinstance(
+        session.get_inputs()[0].shape[0], str
+    )
     assert not any(str(f).endswith(".data") for f in __import__("pathlib").Path(local).iterdir())
 
     # Parity on real validation images, and the pyfunc of the champion predicts on a batch.
     pytorch_model, _ = load_logged_model(store["small"])
     from training.data import load_dataset
+
     images = load_dataset("bloodmnist").val.images[:32].float().numpy() / 255
     with torch.no_grad():
         expected = pytorch_model(torch.from_numpy(images)).numpy()

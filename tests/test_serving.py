@@ -42,16 +42,25 @@ def deployed(tmp_path_factory, synthetic_data_dir):
     root = tmp_path_factory.mktemp("serving")
     with store_with_synthetic_data(root, synthetic_data_dir) as uri:
         for dataset in ("bloodmnist", "breastmnist"):
-            run_training(TrainConfig(model="cnn", dataset=dataset, epochs=2, batch_size=32,
-                                     model_kwargs={"filters": "8,16", "hidden": 32}), progress=False)
+            run_training(
+                TrainConfig(
+                    model="cnn",
+                    dataset=dataset,
+                    epochs=2,
+                    batch_size=32,
+                    model_kwargs={"filters": "8,16", "hidden": 32},
+                ),
+                progress=False,
+            )
             register_best(dataset)
         from serving.deploy import deploy
 
         deploy()
         champions = {}
         for dataset in ("bloodmnist", "breastmnist"):
-            local = mlflow.artifacts.download_artifacts(f"models:/medzoo-{dataset}@champion",
-                                                        dst_path=str(root / dataset))
+            local = mlflow.artifacts.download_artifacts(
+                f"models:/medzoo-{dataset}@champion", dst_path=str(root / dataset)
+            )
             champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
         yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
 
@@ -150,20 +159,44 @@ def bad_requests(image: bytes):
     """(description, request kwargs, expected status, expected words in the error)."""
     form = {"task": "blood"}
     return [
-        ("unknown task", dict(files={"image": ("a.png", image, "image/png")}, data={"task": "lung"}),
-         422, "Served tasks: bloodmnist (blood, blood-cell), breastmnist (breast)"),
-        ("missing file", dict(data=form, files={"other": ("a.png", image, "image/png")}), 400,
-         "unexpected form field(s) 'other'"),
+        (
+            "unknown task",
+            dict(files={"image": ("a.png", image, "image/png")}, data={"task": "lung"}),
+            422,
+            "Served tasks: bloodmnist (blood, blood-cell), breastmnist (breast)",
+        ),
+        (
+            "missing file",
+            dict(data=form, files={"other": ("a.png", image, "image/png")}),
+            400,
+            "unexpected form field(s) 'other'",
+        ),
         ("no file at all", dict(data=form, files={"task": (None, "blood")}), 400, "missing the file field 'image'"),
-        ("file given as a URL", dict(data=form, files={"image": (None, "http://127.0.0.1:9/x.png")}), 400,
-         "must be an uploaded file, not text"),
-        ("not an image", dict(files={"image": ("a.png", b"%PDF-1.4 not an image", "image/png")}, data=form),
-         415, "not a decodable image"),
-        ("truncated image", dict(files={"image": ("a.png", image[: len(image) // 2], "image/png")}, data=form),
-         422, "truncated or corrupt"),
+        (
+            "file given as a URL",
+            dict(data=form, files={"image": (None, "http://127.0.0.1:9/x.png")}),
+            400,
+            "must be an uploaded file, not text",
+        ),
+        (
+            "not an image",
+            dict(files={"image": ("a.png", b"%PDF-1.4 not an image", "image/png")}, data=form),
+            415,
+            "not a decodable image",
+        ),
+        (
+            "truncated image",
+            dict(files={"image": ("a.png", image[: len(image) // 2], "image/png")}, data=form),
+            422,
+            "truncated or corrupt",
+        ),
         ("wrong content type", dict(json={"task": "blood", "image": "aGVsbG8="}), 415, "multipart/form-data"),
-        ("file over the byte limit", dict(files={"image": ("a.png", b"\x89PNG" + bytes(11 * 1024 * 1024), "image/png")},
-                                          data=form), 413, "exceeds the limit"),
+        (
+            "file over the byte limit",
+            dict(files={"image": ("a.png", b"\x89PNG" + bytes(11 * 1024 * 1024), "image/png")}, data=form),
+            413,
+            "exceeds the limit",
+        ),
         ("decompression bomb", dict(files={"image": ("a.png", _bomb(), "image/png")}, data=form), 413, "pixels"),
         ("empty file", dict(files={"image": ("a.png", b"", "image/png")}, data=form), 400, "empty"),
     ]
@@ -205,10 +238,23 @@ def free_port() -> int:
 def server(deployed):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=ROOT, env=project_env(MLFLOW_TRACKING_URI=deployed["uri"]),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "serving.service:MedZoo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        # one worker, so /models reports the batches of the worker that served the load
+        cwd=ROOT,
+        env=project_env(MLFLOW_TRACKING_URI=deployed["uri"], MEDZOO_WORKERS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -238,8 +284,9 @@ def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(
     images = load_dataset("bloodmnist", deployed["data"]).test.images[:8]
     expected = offline_probabilities(deployed["onnx"]["bloodmnist"], to_input(images).numpy())
     for image, probs in zip(images, expected):
-        body = http.post("/classify", files={"image": ("c.png", png(image.numpy()), "image/png")},
-                         data={"task": "bloodmnist"}).json()
+        body = http.post(
+            "/classify", files={"image": ("c.png", png(image.numpy()), "image/png")}, data={"task": "bloodmnist"}
+        ).json()
         assert body["class_index"] == int(probs.argmax())
         assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
 
@@ -254,8 +301,9 @@ def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(
         assert response.status_code == status, (description, response.text)
         assert words in json.dumps(response.json()), description
     assert process.poll() is None, "the server died"
-    after = http.post("/classify", files={"image": ("c.png", png(images[1].numpy()), "image/png")},
-                      data={"task": "blood"})
+    after = http.post(
+        "/classify", files={"image": ("c.png", png(images[1].numpy()), "image/png")}, data={"task": "blood"}
+    )
     assert after.status_code == 200 and after.json()["class_index"] == int(expected[1].argmax())
 
 
@@ -266,8 +314,9 @@ def test_concurrent_requests_are_batched(server, deployed):
     image = png(load_dataset("bloodmnist", deployed["data"]).test.images[0].numpy())
 
     def one(_):
-        return httpx.post(f"{base}/classify", files={"image": ("c.png", image, "image/png")},
-                          data={"task": "blood"}, timeout=30).json()["class_index"]
+        return httpx.post(
+            f"{base}/classify", files={"image": ("c.png", image, "image/png")}, data={"task": "blood"}, timeout=30
+        ).json()["class_index"]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(96)))

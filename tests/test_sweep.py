@@ -59,7 +59,8 @@ def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, sp
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png"} <= artifacts or (
-        "plots/optimization_history.png" in artifacts and "param_importances" in parent.data.tags)
+        "plots/optimization_history.png" in artifacts and "param_importances" in parent.data.tags
+    )
 
     resumed = run_sweep(base(), trials=2, space_file=space_file, storage=storage, progress=False)
     assert len(resumed.study.trials) == 5 and resumed.study.study_name == "cnn-breastmnist"
@@ -68,8 +69,12 @@ def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, sp
 
 def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="pruned", storage=storage, direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    study = optuna.create_study(
+        study_name="pruned",
+        storage=storage,
+        direction="maximize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0),
+    )
     for value in (0.99, 0.99):  # two strong finished trials: the next, trained with lr ~ 0, must be pruned
         trial = study.ask()
         for step in (1, 2, 3):
@@ -77,8 +82,9 @@ def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, t
         study.tell(trial, value)
     hopeless = space_file.replace("space.yaml", "hopeless.yaml")
     open(hopeless, "w").write("common:\n  lr: {type: float, low: 1.0e-9, high: 2.0e-9}\n")
-    result = run_sweep(base(epochs=4), trials=1, space_file=hopeless, storage=storage, study_name="pruned",
-                       progress=False)
+    result = run_sweep(
+        base(epochs=4), trials=1, space_file=hopeless, storage=storage, study_name="pruned", progress=False
+    )
     last = result.study.trials[-1]
     assert last.state == optuna.trial.TrialState.PRUNED
     run = mlflow.get_run(last.user_attrs["mlflow_run_id"])
@@ -89,11 +95,34 @@ def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, t
 def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
     mlflow.search_experiments()  # the tracking store exists before the workers start (as a server's would)
-    command = [sys.executable, "-m", "training.sweep", "--model", "cnn", "--dataset", "breastmnist",
-               "--epochs", "1", "--batch-size", "32", "--trials", "2", "--space-file", space_file,
-               "--storage", storage, "--study-name", "shared", "--no-progress"]
-    workers = [subprocess.Popen(command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "training.sweep",
+        "--model",
+        "cnn",
+        "--dataset",
+        "breastmnist",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--trials",
+        "2",
+        "--space-file",
+        space_file,
+        "--storage",
+        storage,
+        "--study-name",
+        "shared",
+        "--no-progress",
+    ]
+    workers = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-3000:]
@@ -104,32 +133,49 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
     assert len(parents) == 2
 
 
-@pytest.mark.parametrize("space, trials, model, message", [
-    ("common: [unclosed", 3, "cnn", "is not valid YAML"),
-    ("common:\n  learning_rate: {type: float, low: 0.1, high: 0.2}\n", 3, "cnn", "unknown parameter"),
-    ("models:\n  cnn:\n    model.kernel: {type: categorical, choices: [3]}\n", 3, "cnn", "has no option 'kernel'"),
-    ("common:\n  lr: {type: float, low: 0.2, high: 0.1}\n", 3, "cnn", "needs low < high"),
-    ("models:\n  cnn:\n    model.pool: {type: categorical, choices: [max, median]}\n", 3, "cnn",
-     "pool='median' is not one of"),
-    (SPACE, 0, "cnn", "trials=0 must be >= 1"),
-    (SPACE, 3, "cnnn", "Unknown model 'cnnn'"),
-])
+@pytest.mark.parametrize(
+    "space, trials, model, message",
+    [
+        ("common: [unclosed", 3, "cnn", "is not valid YAML"),
+        ("common:\n  learning_rate: {type: float, low: 0.1, high: 0.2}\n", 3, "cnn", "unknown parameter"),
+        ("models:\n  cnn:\n    model.kernel: {type: categorical, choices: [3]}\n", 3, "cnn", "has no option 'kernel'"),
+        ("common:\n  lr: {type: float, low: 0.2, high: 0.1}\n", 3, "cnn", "needs low < high"),
+        (
+            "models:\n  cnn:\n    model.pool: {type: categorical, choices: [max, median]}\n",
+            3,
+            "cnn",
+            "pool='median' is not one of",
+        ),
+        (SPACE, 0, "cnn", "trials=0 must be >= 1"),
+        (SPACE, 3, "cnnn", "Unknown model 'cnnn'"),
+    ],
+)
 def test_bad_sweep_input_fails_before_any_run(space, trials, model, message, synthetic_env, mlflow_store, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(space)
     with pytest.raises(ConfigError, match=message):
-        run_sweep(base(model=model), trials=trials, space_file=str(path),
-                  storage=f"sqlite:///{tmp_path / 'o.db'}", progress=False)
+        run_sweep(
+            base(model=model),
+            trials=trials,
+            space_file=str(path),
+            storage=f"sqlite:///{tmp_path / 'o.db'}",
+            progress=False,
+        )
     assert all_runs() == []
 
 
 def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
     from training.leaderboard import run_leaderboard
 
-    parent_id, rows = run_leaderboard(["mlp", "cnn"], ["breastmnist", "bloodmnist"],
-                                      TrainConfig(epochs=1, batch_size=32), progress=False)
+    parent_id, rows = run_leaderboard(
+        ["mlp", "cnn"], ["breastmnist", "bloodmnist"], TrainConfig(epochs=1, batch_size=32), progress=False
+    )
     assert sorted((r["dataset"], r["model"]) for r in rows) == [
-        ("bloodmnist", "cnn"), ("bloodmnist", "mlp"), ("breastmnist", "cnn"), ("breastmnist", "mlp")]
+        ("bloodmnist", "cnn"),
+        ("bloodmnist", "mlp"),
+        ("breastmnist", "cnn"),
+        ("breastmnist", "mlp"),
+    ]
     children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     table = mlflow.artifacts.load_text(f"runs:/{parent_id}/leaderboard.md")

@@ -6,16 +6,22 @@ import mlflow
 import numpy as np
 import pytest
 
-from training.data import DatasetError
 from training.config import ConfigError, TrainConfig, parse_model_kwargs
+from training.data import DatasetError
 from training.train import run_training
 
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "epoch_time")
 
 
 def tiny(**overrides) -> TrainConfig:
-    values = dict(model="cnn", dataset="bloodmnist", epochs=3, batch_size=32, lr=3e-3,
-                  model_kwargs={"filters": "8,16", "hidden": 32})
+    values = dict(
+        model="cnn",
+        dataset="bloodmnist",
+        epochs=3,
+        batch_size=32,
+        lr=3e-3,
+        model_kwargs={"filters": "8,16", "hidden": 32},
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -34,7 +40,9 @@ def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env
 
     run = mlflow.get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "cnn-bloodmnist"
-    assert run.data.tags["model"] == "cnn" and run.data.tags["dataset"] == "bloodmnist" and run.data.tags["size"] == "28"
+    assert (
+        run.data.tags["model"] == "cnn" and run.data.tags["dataset"] == "bloodmnist" and run.data.tags["size"] == "28"
+    )
     client = mlflow.MlflowClient()
     for key in PER_EPOCH:
         assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [1, 2, 3, 4], key
@@ -43,8 +51,9 @@ def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env
 
 def test_early_stopping_and_schedulers(synthetic_env, mlflow_store):
     # lr so small nothing improves after the first epoch -> patience 1 stops at epoch 2
-    outcome = run_training(tiny(epochs=6, lr=1e-9, patience=1, scheduler="plateau", select_metric="acc"),
-                           progress=False)
+    outcome = run_training(
+        tiny(epochs=6, lr=1e-9, patience=1, scheduler="plateau", select_metric="acc"), progress=False
+    )
     assert outcome.fit.stopped_early and len(outcome.fit.history) < 6
     for scheduler in ("onecycle", "multistep"):
         outcome = run_training(tiny(epochs=2, scheduler=scheduler, optimizer="sgd"), progress=False)
@@ -56,8 +65,9 @@ def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
 
     def weight_norm(**kw):
         torch.manual_seed(0)
-        outcome = run_training(tiny(model="mlp", epochs=2, model_kwargs={}, optimizer="sgd", lr=0.05, **kw),
-                               progress=False)
+        outcome = run_training(
+            tiny(model="mlp", epochs=2, model_kwargs={}, optimizer="sgd", lr=0.05, **kw), progress=False
+        )
         model = mlflow.pytorch.load_model(outcome.model_uri)
         return sum(float(p.abs().sum()) for p in model.state_dict().values() if p.dim() > 1)
 
@@ -66,18 +76,21 @@ def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
     assert weight_norm(weight_decay=0.5) < plain
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(model="resnet-18"), "Unknown model 'resnet-18'"),
-    (dict(dataset="chestmnist"), "multi-label"),
-    (dict(optimizer="lion"), "optimizer='lion' is not one of: sgd, adam, adamw, rmsprop"),
-    (dict(scheduler="step"), "scheduler='step' is not one of"),
-    (dict(select_metric="f1"), "select_metric='f1' is not one of: auc, acc"),
-    (dict(epochs=0), "epochs=0 must be >= 1"),
-    (dict(lr=-1.0), "lr=-1.0 must be > 0"),
-    (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
-    (dict(model_kwargs={"kernel": 5}), "cnn' has no option.*kernel"),
-    (dict(model="mlp", pretrained="true"), "has no pretrained weights"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model="resnet-18"), "Unknown model 'resnet-18'"),
+        (dict(dataset="chestmnist"), "multi-label"),
+        (dict(optimizer="lion"), "optimizer='lion' is not one of: sgd, adam, adamw, rmsprop"),
+        (dict(scheduler="step"), "scheduler='step' is not one of"),
+        (dict(select_metric="f1"), "select_metric='f1' is not one of: auc, acc"),
+        (dict(epochs=0), "epochs=0 must be >= 1"),
+        (dict(lr=-1.0), "lr=-1.0 must be > 0"),
+        (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+        (dict(model_kwargs={"kernel": 5}), "cnn' has no option.*kernel"),
+        (dict(model="mlp", pretrained="true"), "has no pretrained weights"),
+    ],
+)
 def test_bad_values_fail_before_any_run_exists(overrides, message, synthetic_env, mlflow_store):
     with pytest.raises(ConfigError, match=message):
         run_training(tiny(**overrides), progress=False)
@@ -86,7 +99,11 @@ def test_bad_values_fail_before_any_run_exists(overrides, message, synthetic_env
 
 def test_model_kwargs_parsing():
     assert parse_model_kwargs("filters=32,64 kernel_size=5 pool=avg batch_norm=false") == {
-        "filters": "32,64", "kernel_size": 5, "pool": "avg", "batch_norm": False}
+        "filters": "32,64",
+        "kernel_size": 5,
+        "pool": "avg",
+        "batch_norm": False,
+    }
     with pytest.raises(ConfigError, match="is not key=value"):
         parse_model_kwargs("filters")
 

@@ -30,8 +30,16 @@ def test_every_model_trains_at_its_minimum_size(name, in_chans):
 
 def test_registry_lists_the_issue_models():
     assert set(zoo.list_models()) >= {
-        "mlp", "cnn", "alexnet", "resnet18", "resnet50", "mobilenetv2", "mobilenetv3_small",
-        "efficientnet_b0", "efficientnet_lite0", "convnext",
+        "mlp",
+        "cnn",
+        "alexnet",
+        "resnet18",
+        "resnet50",
+        "mobilenetv2",
+        "mobilenetv3_small",
+        "efficientnet_b0",
+        "efficientnet_lite0",
+        "convnext",
     }
 
 

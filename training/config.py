@@ -43,7 +43,7 @@ class TrainConfig:
         if isinstance(self.model_kwargs, str):
             self.model_kwargs = parse_model_kwargs(self.model_kwargs)
         if self.select_metric.startswith("val_"):
-            self.select_metric = self.select_metric[len("val_"):]
+            self.select_metric = self.select_metric[len("val_") :]
         self.pretrained = str(self.pretrained)
 
     @property
@@ -108,7 +108,7 @@ def parse_model_kwargs(text: str) -> dict:
     for item in shlex.split(text.replace(";", " ")):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"model_kwargs: {item!r} is not key=value (example: \"filters=32,64 kernel_size=5\").")
+            raise ConfigError(f'model_kwargs: {item!r} is not key=value (example: "filters=32,64 kernel_size=5").')
         options[key.strip()] = yaml.safe_load(value) if value else ""
     return options
 

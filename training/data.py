@@ -81,9 +81,7 @@ class ImageDataset:
 
 def list_datasets() -> list[str]:
     """Every 2-D single-label MedMNIST dataset, then MNIST and Fashion-MNIST."""
-    medmnist_2d = [
-        flag for flag, info in INFO.items() if not flag.endswith("3d") and info["task"] in SUPPORTED_TASKS
-    ]
+    medmnist_2d = [flag for flag, info in INFO.items() if not flag.endswith("3d") and info["task"] in SUPPORTED_TASKS]
     return medmnist_2d + list(TORCHVISION_DATASETS)
 
 
@@ -309,7 +307,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageDataset:
         raise DatasetError(f"{class_name} files in {root / class_name} are corrupt ({err}).") from err
     full_train, test = parts[True], parts[False]
     train, val = _carve_val_split(Split(full_train.data.unsqueeze(1), full_train.targets.long()))
-    digest = hashlib.md5(full_train.data.numpy().tobytes()[:1 << 20]).hexdigest()
+    digest = hashlib.md5(full_train.data.numpy().tobytes()[: 1 << 20]).hexdigest()
     return ImageDataset(
         name=name,
         task="multi-class",

@@ -118,7 +118,9 @@ def predict(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -
     return torch.cat(probs).numpy(), loss_sum / max(len(split), 1)
 
 
-def evaluate(model: nn.Module, split: Split, class_names: list[str], prefix: str) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(
+    model: nn.Module, split: Split, class_names: list[str], prefix: str
+) -> tuple[dict[str, float], np.ndarray]:
     probs, loss = predict(model, split)
     metrics = classification_metrics(split.labels.numpy(), probs, class_names)
     return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}, probs
@@ -191,8 +193,9 @@ def fit(
             order = torch.randperm(len(train), generator=generator)
             batches = batch_indices(order, batch_size)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress)
-            train_stats = train_steps(model, opt, ((train.images[i], train.labels[i]) for i in bar), l1,
-                                      sched if per_batch else None)
+            train_stats = train_steps(
+                model, opt, ((train.images[i], train.labels[i]) for i in bar), l1, sched if per_batch else None
+            )
             train_seconds = time.perf_counter() - started
             result.train_time += train_seconds
             result.images_seen += train_stats.images
@@ -219,8 +222,12 @@ def fit(
                 epochs_without_gain += 1
             epoch_result = EpochResult(epoch, metrics)
             result.history.append(epoch_result)
-            epoch_bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}",
-                                  val_auc=f"{metrics['val_auc']:.3f}", best=result.best_epoch)
+            epoch_bar.set_postfix(
+                loss=f"{metrics['train_loss']:.3f}",
+                val_acc=f"{metrics['val_acc']:.3f}",
+                val_auc=f"{metrics['val_auc']:.3f}",
+                best=result.best_epoch,
+            )
             if on_epoch_end is not None:
                 try:
                     on_epoch_end(epoch_result)

@@ -45,8 +45,10 @@ class ParityReport:
         return self.max_abs_diff <= PARITY_ATOL and self.argmax_mismatches == 0
 
     def describe(self) -> str:
-        return (f"max |logit difference| {self.max_abs_diff:.2e} (allowed {PARITY_ATOL:.0e}), "
-                f"{self.argmax_mismatches} of {self.images} images with a different predicted class")
+        return (
+            f"max |logit difference| {self.max_abs_diff:.2e} (allowed {PARITY_ATOL:.0e}), "
+            f"{self.argmax_mismatches} of {self.images} images with a different predicted class"
+        )
 
 
 def load_logged_model(run_id: str) -> tuple[torch.nn.Module, dict]:
@@ -60,7 +62,9 @@ def load_logged_model(run_id: str) -> tuple[torch.nn.Module, dict]:
     try:
         info = mlflow.models.get_model_info(uri)
     except mlflow.exceptions.MlflowException:
-        raise ExportError(f"run {run_id} logged no model named {MODEL_ARTIFACT!r} (did the training finish?).") from None
+        raise ExportError(
+            f"run {run_id} logged no model named {MODEL_ARTIFACT!r} (did the training finish?)."
+        ) from None
     metadata = (info.metadata or {}).get(METADATA_KEY)
     if not metadata:
         raise ExportError(f"run {run_id}'s model has no MedZoo metadata; it was not logged by training.train.")
@@ -93,8 +97,14 @@ def export_onnx(model: torch.nn.Module, input_size: int, in_chans: int, metadata
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
-            model, (example,), str(path), dynamo=True, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
         )
         proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
@@ -157,13 +167,18 @@ class ExportResult:
     meta: dict
 
 
-def export_run(run_id: str, data_dir: str | None = None, registered_model: str = "", model_version: str = "",
-               log: bool = True) -> ExportResult:
+def export_run(
+    run_id: str, data_dir: str | None = None, registered_model: str = "", model_version: str = "", log: bool = True
+) -> ExportResult:
     """Export a training run's model to ONNX, check parity on validation images, log it to the run."""
     model, meta = load_logged_model(run_id)
     pre = meta["preprocessing"]
-    proto = export_onnx(model, int(pre["input_size"]), int(pre["in_chans"]),
-                        onnx_metadata(meta, run_id, registered_model, model_version))
+    proto = export_onnx(
+        model,
+        int(pre["input_size"]),
+        int(pre["in_chans"]),
+        onnx_metadata(meta, run_id, registered_model, model_version),
+    )
     images = validation_images(meta, data_dir)
     parity = require_parity(proto, model, images)
     model_uri = log_onnx_model(run_id, proto, meta, images[:2]).model_uri if log else ""
@@ -176,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.data import DatasetError
 
-    parser = argparse.ArgumentParser(prog="python -m training.export",
-                                     description="Export a training run's model to a parity-checked ONNX file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export", description="Export a training run's model to a parity-checked ONNX file."
+    )
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--output", default="", help="also write the .onnx file here (default: only log it)")
     parser.add_argument("--data-dir", default="", help="dataset folder for the parity images")
@@ -190,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(result.proto, args.output)
-    print(f"exported run {args.run_id}: {result.model_uri}"
-          + (f", file {args.output}" if args.output else "") + f"; parity: {result.parity.describe()}")
+    print(
+        f"exported run {args.run_id}: {result.model_uri}"
+        + (f", file {args.output}" if args.output else "")
+        + f"; parity: {result.parity.describe()}"
+    )
     return 0
 
 

@@ -28,31 +28,60 @@ from training.train import run_training  # noqa: E402
 
 # Test ACC of ResNet-18 (28) in MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
 RESNET18_28_ACC = {
-    "pathmnist": 0.907, "dermamnist": 0.735, "octmnist": 0.743, "pneumoniamnist": 0.854, "retinamnist": 0.524,
-    "breastmnist": 0.863, "bloodmnist": 0.958, "tissuemnist": 0.681, "organamnist": 0.935, "organcmnist": 0.900,
+    "pathmnist": 0.907,
+    "dermamnist": 0.735,
+    "octmnist": 0.743,
+    "pneumoniamnist": 0.854,
+    "retinamnist": 0.524,
+    "breastmnist": 0.863,
+    "bloodmnist": 0.958,
+    "tissuemnist": 0.681,
+    "organamnist": 0.935,
+    "organcmnist": 0.900,
     "organsmnist": 0.782,
 }
-COLUMNS = ("model", "dataset", "best_val_acc", "best_val_auc", "test_acc", "test_auc", "n_params", "train_time",
-           "train_images_per_sec", "run_id")
+COLUMNS = (
+    "model",
+    "dataset",
+    "best_val_acc",
+    "best_val_auc",
+    "test_acc",
+    "test_auc",
+    "n_params",
+    "train_time",
+    "train_images_per_sec",
+    "run_id",
+)
 
 
 def leaderboard_rows(runs: list[tuple[str, str, str]]) -> list[dict]:
     rows = []
     for model, dataset, run_id in runs:
         metrics = mlflow.get_run(run_id).data.metrics
-        rows.append({"model": model, "dataset": dataset, "run_id": run_id,
-                     **{k: metrics.get(k, float("nan")) for k in COLUMNS if k not in ("model", "dataset", "run_id")}})
+        rows.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "run_id": run_id,
+                **{k: metrics.get(k, float("nan")) for k in COLUMNS if k not in ("model", "dataset", "run_id")},
+            }
+        )
     return sorted(rows, key=lambda r: (r["dataset"], -r["best_val_acc"]))
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | model | val ACC | val AUC | test ACC | test AUC | ResNet-18 (28) test ACC | params | "
-             "train time (s) | images/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| dataset | model | val ACC | val AUC | test ACC | test AUC | ResNet-18 (28) test ACC | params | "
+        "train time (s) | images/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         reference = RESNET18_28_ACC.get(r["dataset"])
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['best_val_acc']:.4f} | {r['best_val_auc']:.4f} | "
-                     f"{r['test_acc']:.4f} | {r['test_auc']:.4f} | {f'{reference:.3f}' if reference else '-'} | "
-                     f"{int(r['n_params']):,} | {r['train_time']:.1f} | {r['train_images_per_sec']:.0f} |")
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['best_val_acc']:.4f} | {r['best_val_auc']:.4f} | "
+            f"{r['test_acc']:.4f} | {r['test_auc']:.4f} | {f'{reference:.3f}' if reference else '-'} | "
+            f"{int(r['n_params']):,} | {r['train_time']:.1f} | {r['train_images_per_sec']:.0f} |"
+        )
     return "\n".join(lines) + "\n\nRows are ordered by validation accuracy within each dataset.\n"
 
 
@@ -73,8 +102,12 @@ def accuracy_vs_time_figure(rows: list[dict]):
             ax.scatter(r["train_time"], r["test_acc"], s=40)
             ax.annotate(r["model"], (r["train_time"], r["test_acc"]), textcoords="offset points", xytext=(5, 4))
         if dataset in RESNET18_28_ACC:
-            ax.axhline(RESNET18_28_ACC[dataset], color="crimson", linestyle="--",
-                       label=f"MedMNIST v2 ResNet-18 (28): {RESNET18_28_ACC[dataset]:.3f}")
+            ax.axhline(
+                RESNET18_28_ACC[dataset],
+                color="crimson",
+                linestyle="--",
+                label=f"MedMNIST v2 ResNet-18 (28): {RESNET18_28_ACC[dataset]:.3f}",
+            )
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("training time (s, log scale)")
@@ -86,7 +119,9 @@ def accuracy_vs_time_figure(rows: list[dict]):
     return fig
 
 
-def run_leaderboard(models: list[str], datasets: list[str], base: TrainConfig, progress: bool = True) -> tuple[str, list[dict]]:
+def run_leaderboard(
+    models: list[str], datasets: list[str], base: TrainConfig, progress: bool = True
+) -> tuple[str, list[dict]]:
     if not models or not datasets:
         raise ConfigError("models and datasets must each name at least one entry.")
     configs = []
@@ -95,11 +130,18 @@ def run_leaderboard(models: list[str], datasets: list[str], base: TrainConfig, p
             values = base.to_dict()
             values.update(model=model, dataset=dataset)
             configs.append(TrainConfig(**values).validate())
-    with tracking.tracked_run("leaderboard", {"leaderboard": "true", "models": ",".join(models),
-                                              "datasets": ",".join(datasets)}) as parent:
-        tracking.log_new_params({"models": ",".join(models), "datasets": ",".join(datasets),
-                                 "budget_epochs": base.epochs, "max_train_samples": base.max_train_samples,
-                                 "size": base.size})
+    with tracking.tracked_run(
+        "leaderboard", {"leaderboard": "true", "models": ",".join(models), "datasets": ",".join(datasets)}
+    ) as parent:
+        tracking.log_new_params(
+            {
+                "models": ",".join(models),
+                "datasets": ",".join(datasets),
+                "budget_epochs": base.epochs,
+                "max_train_samples": base.max_train_samples,
+                "size": base.size,
+            }
+        )
         finished = []
         for config in tqdm(configs, desc="leaderboard", unit="run", disable=not progress):
             outcome = run_training(config, nested=True, progress=False, extra_tags={"leaderboard": parent.info.run_id})
@@ -112,8 +154,9 @@ def run_leaderboard(models: list[str], datasets: list[str], base: TrainConfig, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.leaderboard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.leaderboard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="mlp,cnn,resnet18")
     parser.add_argument("--datasets", default="breastmnist,bloodmnist")
     parser.add_argument("--epochs", type=int, default=5, help="the budget: epochs per training")
@@ -124,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    base = TrainConfig(epochs=args.epochs, max_train_samples=args.max_train_samples, size=args.size,
-                       data_dir=args.data_dir)
+    base = TrainConfig(
+        epochs=args.epochs, max_train_samples=args.max_train_samples, size=args.size, data_dir=args.data_dir
+    )
     try:
         _, rows = run_leaderboard(models, datasets, base, progress=not args.no_progress)
     except (ConfigError, DatasetError, zoo.ZooError) as err:

@@ -33,16 +33,25 @@ def run_pipeline(models: list[str], dataset: str, train_params: dict, metric: st
         mlflow.set_tags({"pipeline": "main", "models": ",".join(models), "target_dataset": dataset})
         for model in models:
             print(f"== training {model} on {dataset}", flush=True)
-            mlflow.run(str(PROJECT_DIR), entry_point="train", env_manager=env_manager,
-                       parameters={"model": model, "dataset": dataset, "data_dir": data_dir, **train_params})
+            mlflow.run(
+                str(PROJECT_DIR),
+                entry_point="train",
+                env_manager=env_manager,
+                parameters={"model": model, "dataset": dataset, "data_dir": data_dir, **train_params},
+            )
         print(f"== registering the best {dataset} model", flush=True)
-        mlflow.run(str(PROJECT_DIR), entry_point="register", env_manager=env_manager,
-                   parameters={"dataset": dataset, "metric": metric, "data_dir": data_dir})
+        mlflow.run(
+            str(PROJECT_DIR),
+            entry_point="register",
+            env_manager=env_manager,
+            parameters={"dataset": dataset, "metric": metric, "data_dir": data_dir},
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="cnn,mobilenetv2", help="comma-separated zoo models")
     parser.add_argument("--dataset", default="organamnist")
     parser.add_argument("--epochs", default="10")
@@ -61,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, zoo.ZooError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    train_params = {"epochs": args.epochs, "size": args.size, "select_metric": args.metric,
-                    "max_train_samples": args.max_train_samples}
+    train_params = {
+        "epochs": args.epochs,
+        "size": args.size,
+        "select_metric": args.metric,
+        "max_train_samples": args.max_train_samples,
+    }
     run_pipeline(models, args.dataset, train_params, args.metric, args.data_dir)
     return 0
 

@@ -25,8 +25,15 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: s
     ax.set_ylabel("true")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     ax.set_title(f"{title} (accuracy {np.trace(matrix) / max(matrix.sum(), 1):.3f})")
     fig.tight_layout()
     return fig
@@ -53,8 +60,9 @@ def learning_curves_figure(history: list[EpochResult], best_epoch: int, title: s
     return fig
 
 
-def mistakes_figure(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str],
-                    title: str, max_images: int = 16):
+def mistakes_figure(
+    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], title: str, max_images: int = 16
+):
     """The most confident wrong predictions: what the model is surest about and still gets wrong."""
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -67,8 +75,10 @@ def mistakes_figure(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, c
     for ax, i in zip(axes.flat, wrong):
         image = images[i].transpose(1, 2, 0)
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predicted[i]]} ({probs[i, predicted[i]]:.2f})",
-                     fontsize=8)
+        ax.set_title(
+            f"true: {class_names[labels[i]]}\npred: {class_names[predicted[i]]} ({probs[i, predicted[i]]:.2f})",
+            fontsize=8,
+        )
     if not len(wrong):
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle(title)

@@ -59,7 +59,8 @@ def candidate_runs(dataset: str) -> list[Run]:
     """Finished training runs of ``dataset`` that logged a MedZoo model, across all experiments."""
     experiments = [e.experiment_id for e in mlflow.search_experiments()]
     runs = mlflow.search_runs(
-        experiment_ids=experiments, output_format="list",
+        experiment_ids=experiments,
+        output_format="list",
         filter_string=f"tags.dataset = '{dataset}' and attributes.status = 'FINISHED'",
     )
     return [run for run in runs if _has_model(run)]
@@ -77,12 +78,15 @@ def choose_best(runs: list[Run], key: str) -> Run:
     scored = [r for r in runs if key in r.data.metrics]
     if not scored:
         logged = sorted({k for r in runs for k in r.data.metrics if k.startswith("best_val_")})
-        raise RegistrationError(f"no run logged {key!r}; the runs have: {', '.join(logged) or 'no validation metrics'}.")
+        raise RegistrationError(
+            f"no run logged {key!r}; the runs have: {', '.join(logged) or 'no validation metrics'}."
+        )
     return max(scored, key=lambda r: (r.data.metrics[key], -r.data.metrics.get("n_params", 0), -r.info.start_time))
 
 
-def register_best(dataset: str, metric: str = "auc", force: bool = False, data_dir: str | None = None
-                  ) -> RegistrationResult:
+def register_best(
+    dataset: str, metric: str = "auc", force: bool = False, data_dir: str | None = None
+) -> RegistrationResult:
     try:
         check_dataset_name(dataset)
     except DatasetError as err:
@@ -92,7 +96,8 @@ def register_best(dataset: str, metric: str = "auc", force: bool = False, data_d
     if not runs:
         trained = sorted({r.data.tags.get("dataset") for r in _all_finished_runs()} - {None})
         raise RegistrationError(
-            f"no finished runs with a model for dataset {dataset!r}; datasets with runs: {', '.join(trained) or 'none'}."
+            f"no finished runs with a model for dataset {dataset!r}; "
+            f"datasets with runs: {', '.join(trained) or 'none'}."
         )
     best = choose_best(runs, key)
     return register_run(best, dataset, key, force, data_dir)
@@ -116,8 +121,9 @@ def register_run(run: Run, dataset: str, key: str, force: bool, data_dir: str | 
 
 def _all_finished_runs() -> list[Run]:
     experiments = [e.experiment_id for e in mlflow.search_experiments()]
-    return mlflow.search_runs(experiment_ids=experiments, output_format="list",
-                              filter_string="attributes.status = 'FINISHED'")
+    return mlflow.search_runs(
+        experiment_ids=experiments, output_format="list", filter_string="attributes.status = 'FINISHED'"
+    )
 
 
 def _version_of_run(client, name: str, run_id: str):
@@ -165,18 +171,21 @@ def _version_tags(run: Run, meta: dict, parity: str) -> dict[str, str]:
 
 def _description(run: Run, meta: dict, parity: str) -> str:
     m, pre = run.data.metrics, meta["preprocessing"]
-    return "\n".join([
-        f"**{meta['architecture']}** trained on **{meta['dataset']}** (run `{run.info.run_id}`).",
-        "",
-        f"- validation: ACC {m.get('best_val_acc', float('nan')):.4f}, AUC {m.get('best_val_auc', float('nan')):.4f}"
-        f" (selected on validation)",
-        f"- test: ACC {m.get('test_acc', float('nan')):.4f}, AUC {m.get('test_auc', float('nan')):.4f}"
-        " (evaluated once, after selection)",
-        f"- input: float32 [N, {pre['in_chans']}, {pre['input_size']}, {pre['input_size']}] pixels in [0, 1] "
-        f"({pre.get('resize', 'bilinear')} resize); mean {pre['mean']} / std {pre['std']} applied inside the graph",
-        f"- classes: {', '.join(meta['class_names'])}",
-        f"- ONNX parity vs PyTorch: {parity}",
-    ])
+    return "\n".join(
+        [
+            f"**{meta['architecture']}** trained on **{meta['dataset']}** (run `{run.info.run_id}`).",
+            "",
+            f"- validation: ACC {m.get('best_val_acc', float('nan')):.4f}, "
+            f"AUC {m.get('best_val_auc', float('nan')):.4f}"
+            f" (selected on validation)",
+            f"- test: ACC {m.get('test_acc', float('nan')):.4f}, AUC {m.get('test_auc', float('nan')):.4f}"
+            " (evaluated once, after selection)",
+            f"- input: float32 [N, {pre['in_chans']}, {pre['input_size']}, {pre['input_size']}] pixels in [0, 1] "
+            f"({pre.get('resize', 'bilinear')} resize); mean {pre['mean']} / std {pre['std']} applied inside the graph",
+            f"- classes: {', '.join(meta['class_names'])}",
+            f"- ONNX parity vs PyTorch: {parity}",
+        ]
+    )
 
 
 def _gate_champion(client, name: str, version: str, key: str, score: float, force: bool) -> tuple[bool, str]:
@@ -194,14 +203,20 @@ def _gate_champion(client, name: str, version: str, key: str, score: float, forc
     if force or score > champion_score:
         client.set_registered_model_alias(name, CHAMPION, version)
         reason = "forced" if force and score <= champion_score else "better"
-        return True, f"it replaces {CHAMPION} v{champion.version} ({reason}: {key} {score:.4f} vs {champion_score:.4f})."
-    return False, (f"{CHAMPION} stays v{champion.version}: its {key} {champion_score:.4f} is not beaten by "
-                   f"{score:.4f} (use force to override).")
+        return (
+            True,
+            f"it replaces {CHAMPION} v{champion.version} ({reason}: {key} {score:.4f} vs {champion_score:.4f}).",
+        )
+    return False, (
+        f"{CHAMPION} stays v{champion.version}: its {key} {champion_score:.4f} is not beaten by "
+        f"{score:.4f} (use force to override)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.register", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--metric", default="auc", help="validation metric that chooses: auc or acc")
     parser.add_argument("--force", default="false", help="true: make the chosen version champion regardless")
@@ -216,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     print(result.message)
     if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run -e register`
         client = mlflow.MlflowClient()
-        for key, value in {"registered_model": result.name, "registered_version": result.version,
-                           "source_run": result.run_id, "champion_moved": str(result.promoted),
-                           "outcome": result.message}.items():
+        for key, value in {
+            "registered_model": result.name,
+            "registered_version": result.version,
+            "source_run": result.run_id,
+            "champion_moved": str(result.promoted),
+            "outcome": result.message,
+        }.items():
             client.set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
     return 0
 

@@ -13,8 +13,11 @@ from training.config import ConfigError, TrainConfig
 
 DEFAULT_SPACE_FILE = Path(__file__).resolve().parents[1] / "configs" / "search_spaces.yaml"
 MODEL_PREFIX = "model."
-TUNABLE = tuple(n for n in TrainConfig.field_names()
-                if n not in ("model", "dataset", "data_dir", "model_kwargs", "epochs", "seed", "size"))
+TUNABLE = tuple(
+    n
+    for n in TrainConfig.field_names()
+    if n not in ("model", "dataset", "data_dir", "model_kwargs", "epochs", "seed", "size")
+)
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,12 @@ def load_space(model: str, path: str | Path = DEFAULT_SPACE_FILE) -> list[Dimens
 def _dimension(path: Path, name: str, spec, config: zoo.ModelConfig) -> Dimension:
     where = f"{path}: {name}"
     if name.startswith(MODEL_PREFIX):
-        option = name[len(MODEL_PREFIX):]
+        option = name[len(MODEL_PREFIX) :]
         passthrough = config.name.startswith(zoo.registry.TIMM_PREFIX)  # any timm keyword goes
         if not passthrough and option not in config.options:
-            raise ConfigError(f"{where}: {config.name!r} has no option {option!r}; "
-                              f"its options: {', '.join(config.options)}.")
+            raise ConfigError(
+                f"{where}: {config.name!r} has no option {option!r}; its options: {', '.join(config.options)}."
+            )
     elif name not in TUNABLE:
         raise ConfigError(f"{where}: unknown parameter; tunable are {', '.join(TUNABLE)} and model.<option>.")
     if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
@@ -86,7 +90,7 @@ def apply(base: TrainConfig, values: dict) -> TrainConfig:
     kwargs = dict(fields.pop("model_kwargs"))
     for name, value in values.items():
         if name.startswith(MODEL_PREFIX):
-            kwargs[name[len(MODEL_PREFIX):]] = value
+            kwargs[name[len(MODEL_PREFIX) :]] = value
         else:
             fields[name] = value
     return TrainConfig(**fields, model_kwargs=kwargs)

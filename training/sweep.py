@@ -20,7 +20,6 @@ import mlflow
 import optuna
 
 import zoo
-
 from training import tracking
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, dataset_info
@@ -38,19 +37,28 @@ class SweepResult:
     trials_run: int
 
 
-def open_study(name: str, storage: str, direction: str = "maximize", pruning: bool = True,
-               attempts: int = 5) -> optuna.Study:
+def open_study(
+    name: str, storage: str, direction: str = "maximize", pruning: bool = True, attempts: int = 5
+) -> optuna.Study:
     """Create or load the study. Workers started together race to create the schema: retry a few times."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if pruning else optuna.pruners.NopPruner()
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if pruning else optuna.pruners.NopPruner()
+    )
     for attempt in range(attempts):
         try:
             # SQLite: wait for another worker's lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
             rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
-            return optuna.create_study(study_name=name, storage=rdb, direction=direction, load_if_exists=True,
-                                       sampler=optuna.samplers.TPESampler(), pruner=pruner)
+            return optuna.create_study(
+                study_name=name,
+                storage=rdb,
+                direction=direction,
+                load_if_exists=True,
+                sampler=optuna.samplers.TPESampler(),
+                pruner=pruner,
+            )
         except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError):
             if attempt == attempts - 1:
                 raise
@@ -63,15 +71,26 @@ def check_buildable(config: TrainConfig) -> None:
     info = dataset_info(config.dataset)
     size = max(config.size, zoo.get_model_config(config.model).min_input_size)
     try:
-        zoo.create_model(config.model, in_chans=info["channels"], num_classes=len(info["class_names"]),
-                         input_size=size, **{k: v for k, v in config.model_options().items() if k != "pretrained"})
+        zoo.create_model(
+            config.model,
+            in_chans=info["channels"],
+            num_classes=len(info["class_names"]),
+            input_size=size,
+            **{k: v for k, v in config.model_options().items() if k != "pretrained"},
+        )
     except zoo.ZooError as err:
         raise ConfigError(f"search space: {err}") from None
 
 
-def run_sweep(base: TrainConfig, trials: int, space_file: str = str(DEFAULT_SPACE_FILE),
-              storage: str = DEFAULT_STORAGE, study_name: str = "", pruning: bool = True,
-              progress: bool = True) -> SweepResult:
+def run_sweep(
+    base: TrainConfig,
+    trials: int,
+    space_file: str = str(DEFAULT_SPACE_FILE),
+    storage: str = DEFAULT_STORAGE,
+    study_name: str = "",
+    pruning: bool = True,
+    progress: bool = True,
+) -> SweepResult:
     """Validate everything, then run ``trials`` more trials of the (possibly existing) study."""
     if trials < 1:
         raise ConfigError(f"trials={trials} must be >= 1.")
@@ -92,8 +111,13 @@ def run_sweep(base: TrainConfig, trials: int, space_file: str = str(DEFAULT_SPAC
             if trial.should_prune():
                 raise StopTraining
 
-        outcome = run_training(config, nested=True, on_epoch_end=report, progress=False,
-                               extra_tags={"sweep": study_name, "trial": str(trial.number)})
+        outcome = run_training(
+            config,
+            nested=True,
+            on_epoch_end=report,
+            progress=False,
+            extra_tags={"sweep": study_name, "trial": str(trial.number)},
+        )
         trial.set_user_attr("mlflow_run_id", outcome.run_id)
         if outcome.fit.stopped_early and trial.should_prune():
             mlflow.MlflowClient().set_tag(outcome.run_id, "pruned", "true")
@@ -102,9 +126,16 @@ def run_sweep(base: TrainConfig, trials: int, space_file: str = str(DEFAULT_SPAC
 
     tags = {"sweep": study_name, "model": base.model, "sweep_dataset": base.dataset}
     with tracking.tracked_run(f"sweep-{study_name}", tags) as parent:
-        tracking.log_new_params({"trials": trials, "study_name": study_name, "storage": _redact(storage),
-                                 "space_file": space_file, "pruning": pruning, **{
-                                     f"base_{k}": v for k, v in base.to_dict().items()}})
+        tracking.log_new_params(
+            {
+                "trials": trials,
+                "study_name": study_name,
+                "storage": _redact(storage),
+                "space_file": space_file,
+                "pruning": pruning,
+                **{f"base_{k}": v for k, v in base.to_dict().items()},
+            }
+        )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
         _log_study(study, base)
@@ -129,8 +160,15 @@ def _log_study(study: optuna.Study, base: TrainConfig) -> None:
     mlflow.log_metrics({f"best_{base.select_key}": best.value, "best_trial": best.number})
     tracking.log_new_params({f"best_{k}": v for k, v in best.params.items()})
     mlflow.set_tag("best_run_id", best.user_attrs.get("mlflow_run_id", ""))
-    tracking.log_json({"number": best.number, "value": best.value, "params": best.params,
-                       "run_id": best.user_attrs.get("mlflow_run_id")}, "best_trial.json")
+    tracking.log_json(
+        {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "run_id": best.user_attrs.get("mlflow_run_id"),
+        },
+        "best_trial.json",
+    )
     from optuna.visualization import matplotlib as optuna_plots
 
     tracking.log_figure(optuna_plots.plot_optimization_history(study).figure, "plots/optimization_history.png")
@@ -154,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pruning", default="true", help="true/false: median pruning on the validation metric")
     args = parser.parse_args(argv)
     try:
-        result = run_sweep(config_from_args(args), args.trials, args.space_file, args.storage, args.study_name,
-                           args.pruning.lower() in ("true", "1", "yes"), progress=not args.no_progress)
+        result = run_sweep(
+            config_from_args(args),
+            args.trials,
+            args.space_file,
+            args.storage,
+            args.study_name,
+            args.pruning.lower() in ("true", "1", "yes"),
+            progress=not args.no_progress,
+        )
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         if mlflow.active_run() is None:
@@ -163,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     study = result.study
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = f"best trial {study.best_trial.number}: {study.best_value:.4f} {study.best_params}" if done else "no trial completed"
+    best = (
+        f"best trial {study.best_trial.number}: {study.best_value:.4f} {study.best_params}"
+        if done
+        else "no trial completed"
+    )
     print(f"sweep {study.study_name}: {len(study.trials)} trials in the study; {best}")
     return 0
 

@@ -67,8 +67,12 @@ def log_dataset(dataset: ImageDataset) -> None:
     source = HTTPDatasetSource(dataset.origin)
     for split in ("train", "val", "test"):
         meta = MetaDataset(source=source, name=f"{dataset.name}-{dataset.size}px-{split}", digest=dataset.digest[:16])
-        tags = {"split": split, "samples": str(len(dataset.split(split))), "size": str(dataset.size),
-                "local_path": dataset.source}
+        tags = {
+            "split": split,
+            "samples": str(len(dataset.split(split))),
+            "size": str(dataset.size),
+            "local_path": dataset.source,
+        }
         mlflow.log_input(meta, context={"train": "training", "val": "validation", "test": "testing"}[split], tags=tags)
 
 

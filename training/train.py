@@ -81,18 +81,29 @@ def run_training(
     with tracking.tracked_run(f"{config.model}-{config.dataset}", tags, nested=nested) as run:
         started = time.perf_counter()
         dataset = load_dataset(
-            config.dataset, config.data_dir or None, size=size,
-            max_train_samples=config.max_train_samples or None, seed=config.seed,
+            config.dataset,
+            config.data_dir or None,
+            size=size,
+            max_train_samples=config.max_train_samples or None,
+            seed=config.seed,
         )
         model, preprocessing = build_model(config, dataset)
         n_params = sum(p.numel() for p in model.parameters())
-        tracking.log_new_params({
-            **{k: v for k, v in config.to_dict().items() if k != "model_kwargs"},
-            **{f"model_{k}": v for k, v in config.model_kwargs.items()},
-            "input_size": size, "in_chans": dataset.channels, "num_classes": dataset.num_classes,
-            "task": dataset.task, "mean": preprocessing.mean, "std": preprocessing.std,
-            "train_samples": len(dataset.train), "val_samples": len(dataset.val), "test_samples": len(dataset.test),
-        })
+        tracking.log_new_params(
+            {
+                **{k: v for k, v in config.to_dict().items() if k != "model_kwargs"},
+                **{f"model_{k}": v for k, v in config.model_kwargs.items()},
+                "input_size": size,
+                "in_chans": dataset.channels,
+                "num_classes": dataset.num_classes,
+                "task": dataset.task,
+                "mean": preprocessing.mean,
+                "std": preprocessing.std,
+                "train_samples": len(dataset.train),
+                "val_samples": len(dataset.val),
+                "test_samples": len(dataset.test),
+            }
+        )
         tracking.log_dataset(dataset)
         notes += dataset.notes
         if notes:
@@ -104,32 +115,53 @@ def run_training(
                 on_epoch_end(result)
 
         fit_result = fit(
-            model, dataset.train, dataset.val, dataset.class_names,
-            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
-            weight_decay=config.weight_decay, l1=config.l1, scheduler=config.scheduler, patience=config.patience,
-            select_metric=config.select_key, seed=config.seed, on_epoch_end=log_epoch, progress=progress,
+            model,
+            dataset.train,
+            dataset.val,
+            dataset.class_names,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            optimizer=config.optimizer,
+            weight_decay=config.weight_decay,
+            l1=config.l1,
+            scheduler=config.scheduler,
+            patience=config.patience,
+            select_metric=config.select_key,
+            seed=config.seed,
+            on_epoch_end=log_epoch,
+            progress=progress,
         )
         # Selection is done; the test split is touched exactly once, with the selected weights.
         val_metrics, val_probs = evaluate(model, dataset.val, dataset.class_names, "best_val")
         test_metrics, test_probs = evaluate(model, dataset.test, dataset.class_names, "test")
-        mlflow.log_metrics({
-            **val_metrics, **test_metrics,
-            "best_epoch": fit_result.best_epoch, "train_time": fit_result.train_time,
-            "train_images_per_sec": fit_result.images_per_second, "n_params": n_params,
-            "wall_time": time.perf_counter() - started,
-        })
+        mlflow.log_metrics(
+            {
+                **val_metrics,
+                **test_metrics,
+                "best_epoch": fit_result.best_epoch,
+                "train_time": fit_result.train_time,
+                "train_images_per_sec": fit_result.images_per_second,
+                "n_params": n_params,
+                "wall_time": time.perf_counter() - started,
+            }
+        )
         mlflow.set_tag("stopped_early", str(fit_result.stopped_early))
         _log_reports(config, dataset, fit_result, val_probs, test_probs)
-        model_info = tracking.log_model(model, _example_batch(dataset), {
-            "architecture": config.model,
-            "model_options": {k: str(v) for k, v in config.model_options().items()},
-            "dataset": dataset.name,
-            "task": dataset.task,
-            "class_names": dataset.class_names,
-            "preprocessing": preprocessing.to_dict(),
-            "best_val_acc": val_metrics["best_val_acc"],
-            "best_val_auc": val_metrics["best_val_auc"],
-        })
+        model_info = tracking.log_model(
+            model,
+            _example_batch(dataset),
+            {
+                "architecture": config.model,
+                "model_options": {k: str(v) for k, v in config.model_options().items()},
+                "dataset": dataset.name,
+                "task": dataset.task,
+                "class_names": dataset.class_names,
+                "preprocessing": preprocessing.to_dict(),
+                "best_val_acc": val_metrics["best_val_acc"],
+                "best_val_auc": val_metrics["best_val_auc"],
+            },
+        )
         return TrainOutcome(run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
 
 
@@ -143,21 +175,37 @@ def _log_reports(config, dataset: ImageDataset, fit_result: FitResult, val_probs
     for split, probs in (("val", val_probs), ("test", test_probs)):
         labels = dataset.split(split).labels.numpy()
         matrix = confusion(labels, probs, len(names))
-        tracking.log_figure(plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"),
-                            f"plots/confusion_matrix_{split}.png")
-    tracking.log_figure(plots.learning_curves_figure(fit_result.history, fit_result.best_epoch, title),
-                        "plots/learning_curves.png")
+        tracking.log_figure(
+            plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"), f"plots/confusion_matrix_{split}.png"
+        )
+    tracking.log_figure(
+        plots.learning_curves_figure(fit_result.history, fit_result.best_epoch, title), "plots/learning_curves.png"
+    )
     test = dataset.test
     tracking.log_figure(
-        plots.mistakes_figure(test.images.numpy(), test.labels.numpy(), test_probs, names,
-                              f"{title}: most confident test mistakes"),
+        plots.mistakes_figure(
+            test.images.numpy(), test.labels.numpy(), test_probs, names, f"{title}: most confident test mistakes"
+        ),
         "plots/test_mistakes.png",
     )
-    report = classification_report(test.labels.numpy(), test_probs.argmax(1), labels=list(range(len(names))),
-                                   target_names=names, digits=4, zero_division=0)
+    report = classification_report(
+        test.labels.numpy(),
+        test_probs.argmax(1),
+        labels=list(range(len(names))),
+        target_names=names,
+        digits=4,
+        zero_division=0,
+    )
     mlflow.log_text(report, "reports/test_classification_report.txt")
-    tracking.log_json({"config": config.to_dict(), "input_size": dataset.size, "notes": dataset.notes,
-                       "best_epoch": fit_result.best_epoch}, "config.json")
+    tracking.log_json(
+        {
+            "config": config.to_dict(),
+            "input_size": dataset.size,
+            "notes": dataset.notes,
+            "best_epoch": fit_result.best_epoch,
+        },
+        "config.json",
+    )
 
 
 def optional_float(text: str) -> float | None:
@@ -167,8 +215,9 @@ def optional_float(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = parser.add_argument
     add("--model", default=defaults.model, help=f"zoo model: {', '.join(zoo.list_models())} or timm/<name>")
     add("--dataset", default=defaults.dataset, help="MedMNIST flag (organamnist, bloodmnist, ...), mnist, fashionmnist")
@@ -184,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patience", type=int, default=defaults.patience, help="early stopping patience in epochs (0: off)")
     add("--select-metric", default=defaults.select_metric, help="validation metric that picks the best epoch: auc, acc")
     add("--seed", type=int, default=defaults.seed)
-    add("--data-dir", default=defaults.data_dir, help="folder with the dataset files (default: $MEDZOO_DATA_DIR, ~/.medmnist)")
+    add(
+        "--data-dir",
+        default=defaults.data_dir,
+        help="folder with the dataset files (default: $MEDZOO_DATA_DIR, ~/.medmnist)",
+    )
     add("--max-train-samples", type=int, default=defaults.max_train_samples, help="stratified subsample (0: all)")
     add("--pretrained", default=defaults.pretrained, help="false, true (timm hub) or a weights file path")
     add("--model-kwargs", default="", help='model options, e.g. "filters=32,64 kernel_size=5 pool=avg"')
@@ -210,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the run was marked KILLED", file=sys.stderr)
         return 130
     test = outcome.test_metrics
-    print(f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
-          f"val acc {outcome.val_metrics['best_val_acc']:.4f}, test acc {test['test_acc']:.4f}, "
-          f"test auc {test['test_auc']:.4f}, {outcome.fit.images_per_second:.0f} images/s")
+    print(
+        f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
+        f"val acc {outcome.val_metrics['best_val_acc']:.4f}, test acc {test['test_acc']:.4f}, "
+        f"test auc {test['test_auc']:.4f}, {outcome.fit.images_per_second:.0f} images/s"
+    )
     return 0
 
 

@@ -12,7 +12,9 @@ from zoo.registry import ZooError, register_model
 
 
 def conv_block(in_chans: int, out_chans: int, kernel_size: int, pool: str, batch_norm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=not batch_norm)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+    ]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_chans))
     layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)]
@@ -61,6 +63,8 @@ def cnn(
         blocks.append(conv_block(chans, out, int(kernel_size), pool, bool(batch_norm)))
         chans = out
     features = nn.Sequential(*blocks)
-    model = CNN(features, flat_features(features, in_chans, input_size), int(hidden), num_classes, check_dropout(dropout))
+    model = CNN(
+        features, flat_features(features, in_chans, input_size), int(hidden), num_classes, check_dropout(dropout)
+    )
     init_weights(model, init)
     return model

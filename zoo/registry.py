@@ -78,7 +78,7 @@ def get_model_config(name: str) -> ModelConfig:
     if name.startswith(TIMM_PREFIX):
         from zoo.timm_models import timm_passthrough_config
 
-        return timm_passthrough_config(name[len(TIMM_PREFIX):])
+        return timm_passthrough_config(name[len(TIMM_PREFIX) :])
     if name not in _CONFIGS:
         raise _unknown_model(name)
     return _CONFIGS[name]
@@ -95,7 +95,7 @@ def create_model(
     if name.startswith(TIMM_PREFIX):
         from zoo.timm_models import create_timm_passthrough
 
-        return create_timm_passthrough(name[len(TIMM_PREFIX):], in_chans, num_classes, **options)
+        return create_timm_passthrough(name[len(TIMM_PREFIX) :], in_chans, num_classes, **options)
     unknown = sorted(set(options) - set(config.options))
     if unknown:
         raise ZooError(

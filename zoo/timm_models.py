@@ -48,13 +48,17 @@ def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
 _PRETRAINED = dict(pretrained_mean=IMAGENET_MEAN, pretrained_std=IMAGENET_STD)
 
 
-@register_model("timm", "ResNet-18 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED)
+@register_model(
+    "timm", "ResNet-18 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED
+)
 def resnet18(in_chans, num_classes, input_size, dropout=0.0, pretrained=False, cifar_stem=False):
     model = _load_timm("resnet18", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
     return _cifar_stem(model, in_chans) if cifar_stem else model
 
 
-@register_model("timm", "ResNet-50 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED)
+@register_model(
+    "timm", "ResNet-50 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED
+)
 def resnet50(in_chans, num_classes, input_size, dropout=0.0, pretrained=False, cifar_stem=False):
     model = _load_timm("resnet50", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
     return _cifar_stem(model, in_chans) if cifar_stem else model
@@ -75,13 +79,21 @@ def efficientnet_b0(in_chans, num_classes, input_size, dropout=0.0, pretrained=F
     return _load_timm("efficientnet_b0", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
 
-@register_model("timm", "EfficientNet-Lite0 (timm); ImageNet weights ship in shared/data/weights", min_input_size=16, **_PRETRAINED)
+@register_model(
+    "timm", "EfficientNet-Lite0 (timm); ImageNet weights ship in shared/data/weights", min_input_size=16, **_PRETRAINED
+)
 def efficientnet_lite0(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("efficientnet_lite0", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
 
 # ConvNeXt's stem and stage downsampling are unpadded stride-4/2 convs: below 32 px a stage sees 0x0.
-@register_model("timm", "ConvNeXt-Atto, the smallest ConvNeXt (timm convnext_atto)", default_input_size=32, min_input_size=32, **_PRETRAINED)
+@register_model(
+    "timm",
+    "ConvNeXt-Atto, the smallest ConvNeXt (timm convnext_atto)",
+    default_input_size=32,
+    min_input_size=32,
+    **_PRETRAINED,
+)
 def convnext(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("convnext_atto", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
