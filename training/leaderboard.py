@@ -80,7 +80,7 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['best_val_acc']:.4f} | {r['best_val_auc']:.4f} | "
             f"{r['test_acc']:.4f} | {r['test_auc']:.4f} | {f'{reference:.3f}' if reference else '-'} | "
-            f"{int(r['n_params']):,} | {r['train_time']:.1f} | {r['train_images_per_sec']:.0f} |"
+            f"{int(r['n_params']):,} | {r['train_time']:.2f} | {r['train_images_per_sec']:.0f} |"
         )
     return "\n".join(lines) + "\n\nRows are ordered by validation accuracy within each dataset.\n"
 
