@@ -149,6 +149,24 @@ class Target:
         self.process.wait(30)
 
 
+def mlflow_target(name, extra_args, env, workdir, requests, expected) -> Target:
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/medzoo-organamnist@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        *extra_args,
+    ]
+    return Target(name, command, env, workdir, requests.__getitem__, expected)
+
+
 async def load(target: Target, concurrency: int, seconds: float, n_images: int):
     """C client coroutines (aiohttp: a light client, so the shared cores mostly measure the server)."""
     import aiohttp
@@ -246,46 +264,13 @@ def main() -> None:
                 medzoo_requests.__getitem__,
                 expected,
             ),
-            Target(
-                "mlflow models serve",
-                [
-                    sys.executable,
-                    "-m",
-                    "mlflow",
-                    "models",
-                    "serve",
-                    "-m",
-                    "models:/medzoo-organamnist@champion",
-                    "--env-manager",
-                    "local",
-                    "-h",
-                    "127.0.0.1",
-                ],
-                env,
-                workdir,
-                mlflow_requests.__getitem__,
-                expected,
-            ),
-            Target(
+            mlflow_target("mlflow models serve", [], env, workdir, mlflow_requests, expected),
+            mlflow_target(
                 f"mlflow models serve -w {os.cpu_count()}",
-                [
-                    sys.executable,
-                    "-m",
-                    "mlflow",
-                    "models",
-                    "serve",
-                    "-m",
-                    "models:/medzoo-organamnist@champion",
-                    "--env-manager",
-                    "local",
-                    "-h",
-                    "127.0.0.1",
-                    "-w",
-                    str(os.cpu_count()),
-                ],
+                ["-w", str(os.cpu_count())],
                 env,
                 workdir,
-                mlflow_requests.__getitem__,
+                mlflow_requests,
                 expected,
             ),
         ]

@@ -70,7 +70,7 @@ def test_max_train_samples_is_stratified_and_seeded():
     again = stratified_subset(split, 20, seed=3)
     other = stratified_subset(split, 20, seed=4)
     assert torch.equal(subset.images, again.images) and not torch.equal(subset.images, other.images)
-    assert stratified_subset(split, 2, seed=0).labels.bincount().min() >= 0  # tiny budgets never crash
+    assert len(stratified_subset(split, 2, seed=0)) == 2  # fewer samples than classes: still exactly n
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ from tests.conftest import ROOT, project_env
 pytestmark = pytest.mark.slow
 
 
-def mlflow_run(*params: str, **env) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local"]
+def mlflow_run(*params: str, entry_point: str = "train") -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local"]
     for param in params:
         args += ["-P", param]
-    return subprocess.run(args, capture_output=True, text=True, env=project_env(**env), timeout=600)
+    return subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=900)
 
 
 def all_runs():
@@ -117,24 +117,7 @@ def test_corrupt_data_file_fails_cleanly(tmp_path, mlflow_store):
 
 
 def test_mlflow_run_main_trains_then_registers_with_nested_runs(synthetic_env, mlflow_store):
-    args = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "main",
-        "--env-manager",
-        "local",
-        "-P",
-        "models=mlp,cnn",
-        "-P",
-        "dataset=breastmnist",
-        "-P",
-        "epochs=1",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=900)
+    result = mlflow_run("models=mlp,cnn", "dataset=breastmnist", "epochs=1", entry_point="main")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r.info.run_name: r for r in all_runs()}
     parent = runs["main-breastmnist"]
@@ -154,22 +137,7 @@ def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_stor
 
     outcome = run_training(TrainConfig(model="mlp", dataset="breastmnist", epochs=1), progress=False)
     output = tmp_path / "exported" / "breast.onnx"
-    args = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "export",
-        "--env-manager",
-        "local",
-        "-P",
-        f"run_id={outcome.run_id}",
-        "-P",
-        f"output={output}",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=600)
+    result = mlflow_run(f"run_id={outcome.run_id}", f"output={output}", entry_point="export")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity: max |logit difference|" in result.stdout
     import onnx
