@@ -1,13 +1,14 @@
 """Bounded HTTP load test on 127.0.0.1: this BentoML service vs `mlflow models serve`, same model.
 
 Builds a throw-away MLflow store and BentoML home (a `cnn` trained briefly on real OrganAMNIST, registered as
-champion and deployed), then for each server: cold start (process start to the first correct answer),
-C concurrent clients for T seconds with real test images, requests/s, latency percentiles, errors, server
-CPU time per request and server memory (RSS of the process tree) before and after. Clients send what each
+champion and deployed), starts each server (cold start: process start to the first correct answer), then
+runs rounds in which every server in turn gets C concurrent clients for T seconds with real test images:
+requests/s, latency percentiles, errors, server CPU time per request (medians over rounds) and server memory
+(RSS of the process tree) before the first round and after the last. Clients send what each
 server is built for: PNG files to MedZoo (decoded and preprocessed server-side), the preprocessed float
 tensor as JSON to MLflow; request bodies are encoded once up front so the client stays light.
 
-    python benchmarks/serve_load.py [--concurrency 16] [--seconds 20]
+    python benchmarks/serve_load.py [--concurrency 16] [--seconds 15] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ class Target:
         self.process.wait(30)
 
 
+def median_result(results: list[dict]) -> dict:
+    """Medians over rounds; errors and wrong answers are summed."""
+    merged = {key: float(np.median([r[key] for r in results])) for key in ("rps", "cpu_ms", "p50", "p95", "p99")}
+    merged.update({key: sum(r[key] for r in results) for key in ("requests", "errors", "wrong")})
+    return merged
+
+
 def mlflow_target(name, extra_args, env, workdir, requests, expected) -> Target:
     command = [
         sys.executable,
@@ -215,7 +223,8 @@ async def load(target: Target, concurrency: int, seconds: float, n_images: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=15, help="length of one round of load per server")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the table reports medians over them")
     parser.add_argument("--images", type=int, default=256, help="distinct real test images cycled through")
     args = parser.parse_args()
 
@@ -274,21 +283,27 @@ def main() -> None:
                 expected,
             ),
         ]
+        cold, before, rounds = {}, {}, {t.name: [] for t in targets}
+        for target in targets:  # cold starts one at a time, on an otherwise idle machine
+            print(f"starting {target.name} ...", flush=True)
+            cold[target.name] = target.start()
+            before[target.name] = tree_rss_mb(target.process)
+        for round_number in range(args.rounds):  # alternate the servers, so drifting load hits all alike
+            for target in targets:
+                result = asyncio.run(load(target, args.concurrency, args.seconds, len(images)))
+                rounds[target.name].append(result)
+                print(
+                    f"round {round_number + 1} {target.name}: {result['rps']:.0f} req/s, "
+                    f"{result['cpu_ms']:.2f} ms server CPU/request, p50 {result['p50']:.1f} ms, "
+                    f"p99 {result['p99']:.1f} ms, errors {result['errors']}, wrong {result['wrong']}",
+                    flush=True,
+                )
         rows = []
         for target in targets:
-            print(f"starting {target.name} ...", flush=True)
-            cold = target.start()
-            before = tree_rss_mb(target.process)
-            result = asyncio.run(load(target, args.concurrency, args.seconds, len(images)))
             after = tree_rss_mb(target.process)
             target.stop()
-            rows.append((target.name, cold, before, after, result))
-            print(
-                f"{target.name}: {result['rps']:.0f} req/s, {result['cpu_ms']:.2f} ms server CPU/request, "
-                f"p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms, "
-                f"errors {result['errors']}, wrong {result['wrong']}, cold start {cold:.1f} s, "
-                f"RSS {before:.0f} -> {after:.0f} MB",
-                flush=True,
+            rows.append(
+                (target.name, cold[target.name], before[target.name], after, median_result(rounds[target.name]))
             )
 
     table = [
@@ -307,8 +322,11 @@ def main() -> None:
     write_section(
         "serve_load",
         (
-            f"## Serving load test, OrganAMNIST cnn, {args.concurrency} concurrent clients for {args.seconds:.0f} s\n\n"
-            f"The servers on 127.0.0.1 one after the other: MedZoo with its default of one worker per core "
+            f"## Serving load test, OrganAMNIST cnn, {args.concurrency} concurrent clients, "
+            f"{args.rounds} rounds of {args.seconds:.0f} s per server\n\n"
+            "Medians over the rounds (requests, errors and wrong answers summed); in each round the servers take "
+            "the load one after the other. "
+            f"The servers on 127.0.0.1: MedZoo with its default of one worker per core "
             f"({os.cpu_count()}), MLflow with its default (1) and with as many workers as MedZoo. The load generator "
             "(one asyncio process) on the same 2 cores. Real OrganAMNIST test images: PNG uploads to MedZoo, "
             "the preprocessed float tensor as JSON to MLflow's scoring server. Cold start: process start to the "
