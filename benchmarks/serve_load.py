@@ -99,18 +99,18 @@ def png(image: np.ndarray) -> bytes:
 
 
 class Target:
-    def __init__(self, name, command, env, cwd, request_for, expected):
-        self.name, self.command, self.env, self.cwd = name, command, env, cwd
+    """A server command (its port flag appended at start) and the route its requests go to."""
+
+    def __init__(self, name, command, port_flag, route, env, cwd, request_for, expected):
+        self.name, self.command, self.port_flag, self.env, self.cwd = name, command, port_flag, env, cwd
         self.request_for, self.expected = request_for, expected  # index -> httpx kwargs; index -> class
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}{route}"
 
     def start(self) -> float:
         started = time.perf_counter()
         self.process = psutil.Popen(
-            [*self.command, "--port", str(self.port)]
-            if "bentoml" in self.command[2]
-            else [*self.command, "-p", str(self.port)],
+            [*self.command, self.port_flag, str(self.port)],
             cwd=self.cwd,
             env=self.env,
             stdout=subprocess.DEVNULL,
@@ -126,10 +126,6 @@ class Target:
                 pass
             time.sleep(0.2)
         raise SystemExit(f"{self.name} did not answer correctly within 180 s")
-
-    @property
-    def url(self) -> str:
-        return f"{self.base}/classify" if self.name == "MedZoo (BentoML)" else f"{self.base}/invocations"
 
     def aiohttp_request(self, index: int) -> dict:
         request = self.request_for(index)
@@ -172,7 +168,7 @@ def mlflow_target(name, extra_args, env, workdir, requests, expected) -> Target:
         "127.0.0.1",
         *extra_args,
     ]
-    return Target(name, command, env, workdir, requests.__getitem__, expected)
+    return Target(name, command, "-p", "/invocations", env, workdir, requests.__getitem__, expected)
 
 
 async def load(target: Target, concurrency: int, seconds: float, n_images: int):
@@ -268,6 +264,8 @@ def main() -> None:
             Target(
                 "MedZoo (BentoML)",
                 [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1"],
+                "--port",
+                "/classify",
                 env,
                 ROOT,
                 medzoo_requests.__getitem__,

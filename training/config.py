@@ -73,9 +73,7 @@ class TrainConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("scheduler", self.scheduler, SCHEDULERS)
         _one_of("select_metric", self.select_metric, SELECT_METRICS)
-        for name in ("epochs", "batch_size"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("size",):
+        for name in ("epochs", "batch_size", "size"):
             _at_least(name, getattr(self, name), 1)
         for name in ("patience", "max_train_samples", "weight_decay", "l1", "seed"):
             _at_least(name, getattr(self, name), 0)

@@ -25,7 +25,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, dataset_info
 from training.engine import EpochResult, StopTraining
 from training.search_space import DEFAULT_SPACE_FILE, apply, load_space
-from training.train import run_training
+from training.train import input_size_for, run_training
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 
@@ -69,7 +69,7 @@ def open_study(
 def check_buildable(config: TrainConfig) -> None:
     """Build the model once with these options, so a bad option value fails before the sweep starts."""
     info = dataset_info(config.dataset)
-    size = max(config.size, zoo.get_model_config(config.model).min_input_size)
+    size, _ = input_size_for(config)
     try:
         zoo.create_model(
             config.model,
