@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnxruntime as ort
 
 from serving.batching import MicroBatcher
 from serving.preprocessing import InputSpec, RequestError
+from serving.schemas import ModelInfo
 
 MODEL_PREFIX = "medzoo-"
 # Short names people use; every task also answers to its dataset name without the "mnist" suffix.
@@ -51,16 +53,18 @@ class ServedModel:
     def aliases(self) -> tuple[str, ...]:
         return task_aliases(self.task)
 
-    def model_info(self) -> dict:
+    @cached_property
+    def info(self) -> ModelInfo:
+        """Built once: every answer carries it."""
         meta = self.metadata
-        return {
-            "registered_model": meta.get("registered_model", ""),
-            "version": meta.get("model_version", ""),
-            "architecture": meta.get("architecture", ""),
-            "dataset": self.task,
-            "val_acc": _maybe_float(meta.get("best_val_acc")),
-            "test_acc": _maybe_float(meta.get("test_acc")),
-        }
+        return ModelInfo(
+            registered_model=meta.get("registered_model", ""),
+            version=meta.get("model_version", ""),
+            architecture=meta.get("architecture", ""),
+            dataset=self.task,
+            val_acc=_maybe_float(meta.get("best_val_acc")),
+            test_acc=_maybe_float(meta.get("test_acc")),
+        )
 
 
 def make_session(model_path: str) -> ort.InferenceSession:

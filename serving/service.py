@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
 import numpy as np
-from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
 
 from serving.catalog import MODEL_PREFIX, Catalog, ServedModel, make_session
-from serving.guard import UploadGuard
+from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
 from serving.preprocessing import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
@@ -29,7 +28,7 @@ from serving.preprocessing import (
     decode_image,
     to_model_input,
 )
-from serving.schemas import BatchPrediction, Catalogue, Prediction, TaskInfo
+from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Prediction, TaskInfo
 
 
 def store_models() -> dict[str, bentoml.models.BentoModel]:
@@ -54,27 +53,49 @@ def prediction(model: ServedModel, logits: np.ndarray) -> Prediction:
         class_index=best,
         confidence=float(probs[best]),
         probabilities=dict(ranked),
-        model=model.model_info(),
+        model=model.info,
     )
 
 
-def error(err: RequestError) -> JSONResponse:
-    return JSONResponse({"error": str(err)}, status_code=int(err.status))
+def json_response(body: BaseModel, status: int = 200) -> Response:
+    # Serialised by pydantic in one pass; FastAPI does not validate a Response a second time.
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
-def read_upload(path: Path, label: str) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise RequestError(
-            f"{label}: {size} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes.", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-        )
-    return path.read_bytes()
+def error(err: RequestError) -> Response:
+    return json_response(ErrorMessage(error=str(err)), int(err.status))
 
 
-catalogue_app = FastAPI(title="MedZoo catalogue")
+def upload_openapi(spec: FormSpec, summary: str) -> dict:
+    """The multipart request body and the error answers, for the OpenAPI page."""
+    image = {"type": "string", "format": "binary"}
+    files = {"type": "array", "items": image, "maxItems": MAX_BATCH_IMAGES} if spec.many else image
+    task = {"type": "string", "description": "dataset name or alias, e.g. organ, blood, breastmnist"}
+    body = {"type": "object", "required": list(spec.fields), "properties": {spec.file_field: files, "task": task}}
+    errors = {
+        400: "malformed form, missing or unexpected field, empty image",
+        413: "body, image bytes, pixels or image count over the limit",
+        415: "not multipart/form-data, or not a decodable image",
+        422: "unknown task, truncated or corrupt image",
+    }
+    return {
+        "summary": summary,
+        "openapi_extra": {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}},
+        "responses": {status: {"model": ErrorMessage, "description": text} for status, text in errors.items()},
+    }
+
+
+IMAGE_FORM = FormSpec("image", many=False)
+BATCH_FORM = FormSpec("images", many=True)
+
+# The HTTP API. BentoML serves it inside the service (workers, model store, probes, /metrics, OpenAPI page);
+# the routes read the upload themselves, once and in memory, which is most of the speed (see README).
+api = FastAPI(title="MedZoo", description="MedMNIST classification with the MLflow registry champions.")
 
 
 class MedZoo:
+    """The models and what they answer; the HTTP routes below only read requests and write answers."""
+
     def __init__(self) -> None:
         served = []
         for attribute in store_models():
@@ -84,42 +105,20 @@ class MedZoo:
             served.append(ServedModel(metadata["dataset"], InputSpec.from_metadata(metadata), session, metadata))
         self.catalog = Catalog(served)
 
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Path, task: str) -> Prediction:
-        """Classify one image (PNG, JPEG, BMP or TIFF; gray or colour; any size within the limits)."""
-        try:
-            model = self.catalog.resolve(task)
-            pixels = to_model_input(decode_image(read_upload(image, "image")), model.spec)
-            return prediction(model, await model.batcher.infer(pixels))
-        except RequestError as err:
-            return error(err)
+    async def classify(self, task: str, image: bytes) -> Prediction:
+        model = self.catalog.resolve(task)
+        pixels = to_model_input(decode_image(image), model.spec)
+        return prediction(model, await model.batcher.infer(pixels))
 
-    @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Path], task: str) -> BatchPrediction:
-        """Classify several images (at most MAX_BATCH_IMAGES, 32) of one task; results come in upload order."""
-        try:
-            model = self.catalog.resolve(task)
-            if not images:
-                raise RequestError("no images: send one or more files in the field 'images'.", HTTPStatus.BAD_REQUEST)
-            if len(images) > MAX_BATCH_IMAGES:
-                raise RequestError(
-                    f"{len(images)} images exceeds the limit of {MAX_BATCH_IMAGES} per request.",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                )
-            batch = np.stack(
-                [
-                    to_model_input(decode_image(read_upload(p, f"images[{i}]"), f"images[{i}]"), model.spec)
-                    for i, p in enumerate(images)
-                ]
-            )
-            logits = await asyncio.to_thread(model.logits, batch)
-            return BatchPrediction(task=model.task, results=[prediction(model, row) for row in logits])
-        except RequestError as err:
-            return error(err)
+    async def classify_batch(self, task: str, images: list[bytes]) -> BatchPrediction:
+        model = self.catalog.resolve(task)
+        batch = np.stack(
+            [to_model_input(decode_image(data, f"images[{i}]"), model.spec) for i, data in enumerate(images)]
+        )
+        logits = await asyncio.to_thread(model.logits, batch)
+        return BatchPrediction(task=model.task, results=[prediction(model, row) for row in logits])
 
-    @catalogue_app.get("/models", response_model=Catalogue)
-    def models(self) -> Catalogue:
-        """The tasks served, with their model metadata and class names."""
+    def catalogue(self) -> Catalogue:
         tasks = [
             TaskInfo(
                 task=m.task,
@@ -128,30 +127,65 @@ class MedZoo:
                 input_size=m.spec.input_size,
                 in_chans=m.spec.in_chans,
                 resize=m.spec.resize,
-                model=m.model_info(),
+                model=m.info,
                 largest_batch=max(m.batcher.batch_sizes, default=0),
             )
             for m in self.catalog.models.values()
         ]
-        return Catalogue(
-            tasks=tasks,
-            limits={
-                "max_image_bytes": MAX_IMAGE_BYTES,
-                "max_image_pixels": MAX_IMAGE_PIXELS,
-                "max_batch_images": MAX_BATCH_IMAGES,
-            },
-        )
+        limits = {
+            "max_image_bytes": MAX_IMAGE_BYTES,
+            "max_image_pixels": MAX_IMAGE_PIXELS,
+            "max_batch_images": MAX_BATCH_IMAGES,
+            "max_request_bytes": MAX_REQUEST_BYTES,
+        }
+        return Catalogue(tasks=tasks, limits=limits)
+
+
+def current() -> MedZoo:
+    # A plain call, not a FastAPI dependency: BentoML's sync dependency would cost a thread hop per request.
+    return bentoml.get_current_service()
+
+
+@api.post("/classify", response_model=Prediction, **upload_openapi(IMAGE_FORM, "Classify one image"))
+async def classify(request: Request) -> Response:
+    """One image in the field `image` (PNG, JPEG, BMP or TIFF; gray or colour; any size within the limits)
+    and the task in the field `task`. Concurrent requests share onnxruntime calls (adaptive batching)."""
+    try:
+        form = await read_form(request, IMAGE_FORM)
+        return json_response(await current().classify(form.text["task"], form.files[0]))
+    except RequestError as err:
+        return error(err)
+
+
+@api.post("/classify_batch", response_model=BatchPrediction, **upload_openapi(BATCH_FORM, "Classify several images"))
+async def classify_batch(request: Request) -> Response:
+    """Up to 32 images (MAX_BATCH_IMAGES) of one task in the field `images`; results come in upload order."""
+    try:
+        form = await read_form(request, BATCH_FORM)
+        return json_response(await current().classify_batch(form.text["task"], form.files))
+    except RequestError as err:
+        return error(err)
+
+
+@api.get("/models", response_model=Catalogue, summary="Served tasks and limits")
+async def models() -> Catalogue:
+    """The tasks served, with their aliases, class names, input size and model metadata, and the limits."""
+    return current().catalogue()
 
 
 for _attribute, _model in store_models().items():
     setattr(MedZoo, _attribute, _model)
 
-MedZoo = bentoml.asgi_app(catalogue_app, path="/")(MedZoo)
-# One worker process per core by default (each holds every model, a few MB, and its own batchers);
-# MEDZOO_WORKERS overrides it.
+MedZoo = bentoml.asgi_app(api, path="/")(MedZoo)
+UPLOAD_ROUTES = ["/classify", "/classify_batch"]
+# One worker process per core by default (each holds every model, a few MB, and its own batchers).
+# BentoML's access log line and tracing span per request cost about a fifth and a third of the classify
+# throughput (benchmarks/RESULTS.md), and BentoML 1.4.39 keeps every span in memory: the access log is off and
+# the upload routes are not traced, unless MEDZOO_ACCESS_LOG=1 or MEDZOO_TRACING=1. Prometheus /metrics stays.
 MedZoo = bentoml.service(
     name="medzoo",
     workers=int(os.environ.get("MEDZOO_WORKERS", os.cpu_count() or 1)),
     traffic={"timeout": 60, "concurrency": 512},
+    logging={"access": {"enabled": os.environ.get("MEDZOO_ACCESS_LOG") == "1"}},
+    tracing={"excluded_urls": [] if os.environ.get("MEDZOO_TRACING") == "1" else UPLOAD_ROUTES},
 )(MedZoo)
-MedZoo.add_asgi_middleware(UploadGuard)

@@ -214,15 +214,51 @@ def test_bad_requests_get_clear_4xx_json_and_service_keeps_answering(client, dep
     assert post_image(client, image).status_code == 200
 
 
-def test_upload_guard_refuses_big_bodies_before_reading_them():
+def form_app(spec, max_bytes=64 * 1024 * 1024):
+    """A bare Starlette app that answers with what read_form makes of a request."""
     from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from serving.forms import read_form
+    from serving.preprocessing import RequestError
+
+    async def endpoint(request):
+        try:
+            form = await read_form(request, spec, max_bytes)
+        except RequestError as err:
+            return JSONResponse({"error": str(err)}, status_code=int(err.status))
+        return JSONResponse({"sizes": [len(f) for f in form.files], "text": form.text})
+
+    return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+
+def test_upload_forms_are_read_once_and_strictly():
     from starlette.testclient import TestClient
 
-    from serving.guard import UploadGuard
+    from serving.forms import FormSpec
 
-    guarded = UploadGuard(Starlette(), max_bytes=1000)
-    response = TestClient(guarded).post("/classify", files={"image": ("a.png", bytes(5000), "image/png")})
-    assert response.status_code == 413 and "exceeds the limit of 1000 bytes" in response.json()["error"]
+    single = TestClient(form_app(FormSpec("image", many=False)))
+    ok = single.post("/", files={"image": ("a.png", b"12345", "image/png")}, data={"task": "organ"})
+    assert ok.status_code == 200 and ok.json() == {"sizes": [5], "text": {"task": "organ"}}
+    small_limit = TestClient(form_app(FormSpec("image", many=False), max_bytes=1000))
+    big = small_limit.post("/", files={"image": ("a.png", bytes(5000), "image/png")}, data={"task": "organ"})
+    assert big.status_code == 413 and "exceeds the limit of 1000 bytes" in big.json()["error"]
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    cases = [
+        (dict(content=b"--xyz\r\nno headers at all", headers=headers), 400, "malformed multipart/form-data"),
+        (dict(content=b"abc", headers={"Content-Type": "multipart/form-data"}), 400, "without a boundary"),
+        (dict(files={"image": ("a.png", b"1")}, data={"task": "x" * 2000}), 400, "longer than 1024 bytes"),
+        (dict(files={"image": ("a.png", b"1"), "task": ("t.bin", b"\xff\xfe")}), 400, "exactly one text field"),
+        (dict(files={"image": ("a.png", b"1"), "task": (None, b"\xff\xfe")}), 400, "not UTF-8 text"),
+        (dict(files=[("image", ("a.png", b"1")), ("image", ("b.png", b"2"))], data={"task": "t"}), 400, "one file"),
+    ]
+    for kwargs, status, words in cases:
+        response = single.post("/", **kwargs)
+        assert response.status_code == status and words in response.json()["error"], (kwargs, response.text)
+    batch = TestClient(form_app(FormSpec("images", many=True)))
+    files = [("images", (f"{i}.png", bytes([i]) * (i + 1), "image/png")) for i in range(3)]
+    assert batch.post("/", files=files, data={"task": "blood"}).json()["sizes"] == [1, 2, 3]
 
 
 # --- end to end: a real `bentoml serve` on 127.0.0.1 --------------------------------------------------
