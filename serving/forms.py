@@ -8,6 +8,7 @@ file field is refused rather than fetched as a URL. Every problem is a ``Request
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from http import HTTPStatus
 
 from python_multipart import MultipartParser
@@ -54,8 +55,13 @@ async def read_form(request: Request, spec: FormSpec, max_bytes: int = MAX_REQUE
     return _checked(_parse(await _read_body(request, max_bytes), boundary), spec)
 
 
+@lru_cache(maxsize=1024)  # clients repeat the same few headers; python-multipart's parser is slow-ish
+def _options(header: str | bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    return parse_options_header(header)
+
+
 def _boundary(content_type: str, spec: FormSpec) -> bytes:
-    media_type, options = parse_options_header(content_type)
+    media_type, options = _options(content_type)
     if media_type != b"multipart/form-data":
         raise RequestError(
             f"Content-Type {content_type or '(none)'!r} is not accepted: send multipart/form-data with the file "
@@ -103,7 +109,7 @@ def _parse(body: bytes, boundary: bytes) -> list[Part]:
     def on_part_end():
         if len(parts) >= MAX_PARTS:
             raise RequestError(f"more than {MAX_PARTS} form parts.", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        _, options = parse_options_header(headers.get(b"content-disposition", b""))
+        _, options = _options(headers.get(b"content-disposition", b""))
         if b"name" not in options:
             raise RequestError("a form part has no name in its Content-Disposition.", HTTPStatus.BAD_REQUEST)
         filename = options.get(b"filename")

@@ -147,6 +147,13 @@ def test_models_lists_tasks_with_metadata(client):
     assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/models"} <= set(spec["paths"])
+    classify = spec["paths"]["/classify"]["post"]
+    form = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image", "task"] and form["properties"]["image"]["format"] == "binary"
+    assert classify["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Prediction")
+    assert {"400", "413", "415", "422"} <= set(classify["responses"])
+    batch_form = spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert batch_form["properties"]["images"]["maxItems"] == MAX_BATCH_IMAGES
 
 
 def _bomb() -> bytes:
