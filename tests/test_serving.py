@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import importlib
 import io
 import json
@@ -266,6 +268,31 @@ def test_upload_forms_are_read_once_and_strictly():
     batch = TestClient(form_app(FormSpec("images", many=True)))
     files = [("images", (f"{i}.png", bytes([i]) * (i + 1), "image/png")) for i in range(3)]
     assert batch.post("/", files=files, data={"task": "blood"}).json()["sizes"] == [1, 2, 3]
+
+
+def test_requests_leave_no_armed_timers_behind(client, deployed):
+    """BentoML's request timeout timer is disarmed when the request is done (serving/bentoml_fixes.py)."""
+
+    def armed_timers() -> int:
+        return sum(isinstance(o, asyncio.TimerHandle) and not o.cancelled() for o in gc.get_objects())
+
+    image = png(load_dataset("bloodmnist", deployed["data"]).test.images[0].numpy())
+    before = armed_timers()
+    for _ in range(40):
+        assert post_image(client, image).status_code == 200
+    assert armed_timers() - before < 5
+
+
+def test_the_request_timeout_still_answers_504():
+    from starlette.testclient import TestClient
+
+    from serving.bentoml_fixes import DisarmedTimeoutMiddleware
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    response = TestClient(DisarmedTimeoutMiddleware(slow, timeout=0.05)).get("/")
+    assert response.status_code == 504 and "0.05 seconds" in response.json()["error"]
 
 
 # --- end to end: a real `bentoml serve` on 127.0.0.1 --------------------------------------------------
