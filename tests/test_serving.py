@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -293,6 +294,32 @@ def test_the_request_timeout_still_answers_504():
 
     response = TestClient(DisarmedTimeoutMiddleware(slow, timeout=0.05)).get("/")
     assert response.status_code == 504 and "0.05 seconds" in response.json()["error"]
+
+
+def test_bentoml_build_packs_the_service_and_every_champion(deployed, tmp_path):
+    import tarfile
+
+    import bentoml
+
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=project_env(MLFLOW_TRACKING_URI=deployed["uri"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    bento = bentoml.bentos.get(tag)
+    assert {m.tag.name for m in bento.info.all_models} == {"medzoo-bloodmnist", "medzoo-breastmnist"}
+    source = Path(bento.path) / "src" / "serving"
+    assert {"service.py", "forms.py", "bentoml_fixes.py"} <= {p.name for p in source.glob("*.py")}
+    archive = bentoml.bentos.export_bento(tag, str(tmp_path / "medzoo.bento"))  # what gets shipped
+    with tarfile.open(archive) as packed:
+        onnx_files = [name for name in packed.getnames() if name.endswith("saved_model.onnx")]
+    packed_models = sorted(name.split("models/", 1)[1].split("/")[0] for name in onnx_files)
+    assert packed_models == ["medzoo-bloodmnist", "medzoo-breastmnist"]
 
 
 # --- end to end: a real `bentoml serve` on 127.0.0.1 --------------------------------------------------
