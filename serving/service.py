@@ -95,7 +95,7 @@ IMAGE_FORM = FormSpec("image", many=False)
 BATCH_FORM = FormSpec("images", many=True)
 
 # The HTTP API. BentoML serves it inside the service (workers, model store, probes, /metrics, OpenAPI page);
-# the routes read the upload themselves, once and in memory, which is most of the speed (see README).
+# the routes read the upload themselves, once and in memory (README, "Why fast").
 api = FastAPI(title="MedZoo", description="MedMNIST classification with the MLflow registry champions.")
 
 
