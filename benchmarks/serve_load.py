@@ -110,7 +110,7 @@ class Target:
     def __init__(self, name, command, port_flag, route, env, cwd, request_for, expected):
         self.name, self.command, self.port_flag, self.env, self.cwd = name, command, port_flag, env, cwd
         self.request_for, self.expected = request_for, expected  # index -> httpx kwargs; index -> class
-        self.port = free_port()
+        self.port, self.route = free_port(), route
         self.url = f"http://127.0.0.1:{self.port}{route}"
 
     def start(self) -> float:
@@ -135,11 +135,10 @@ class Target:
 
     def raw_requests(self, count: int) -> list[bytes]:
         """Whole HTTP/1.1 requests (head and body), encoded once."""
-        path = self.url.split(str(self.port), 1)[1]
         raw = []
         for index in range(count):
             request = self.request_for(index)
-            head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
+            head = [f"POST {self.route} HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
             head += [f"{name}: {value}" for name, value in request["headers"].items()]
             head.append(f"Content-Length: {len(request['content'])}")
             raw.append(("\r\n".join(head) + "\r\n\r\n").encode() + request["content"])

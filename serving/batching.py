@@ -1,13 +1,10 @@
 """Adaptive micro-batching: concurrent single-image requests share one onnxruntime call.
 
 Each task has one batcher with one consumer. The consumer takes every image queued so far (at most
-``max_batch_size``) and runs them as one batch in a worker thread; images that arrive meanwhile queue up and
-form the next batch. Nobody waits for a batch to fill: under light load a batch is one image and runs at once;
-under heavy load batches grow by themselves and the cost per image falls. A request therefore waits at most
-for the batch that is running when it arrives, plus its own.
-
-``max_wait_ms`` (default 0) trades latency for larger batches: the consumer keeps a batch open that long for
-more images. A fixed window only helps when the work per batch is large compared with the window.
+``max_batch_size``) and runs them as one batch; images that arrive meanwhile queue up and form the next
+batch. Nobody waits for a batch to fill: under light load a batch is one image and runs at once; under
+heavy load batches grow by themselves and the cost per image falls. A request therefore waits at most for
+the batch that is running when it arrives, plus its own.
 
 A batch expected to take less than ``inline_below_ms`` runs on the event loop itself: for the small MedMNIST
 networks a thread hand-off costs more CPU than the onnxruntime call. Longer batches go to a thread so the
@@ -30,12 +27,10 @@ class MicroBatcher:
         self,
         run_batch: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int = 64,
-        max_wait_ms: float = 0.0,
         inline_below_ms: float = 1.0,
     ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000.0
         self.inline_below_s = inline_below_ms / 1000.0
         self.seconds_per_item: float | None = None  # running average; None until the first batch (run in a thread)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
@@ -55,14 +50,6 @@ class MicroBatcher:
     async def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         batch = [await self._queue.get()]
         await asyncio.sleep(0)  # let requests decoded in this same loop iteration join
-        if self.max_wait_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch_size and (timeout := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
         while len(batch) < self.max_batch_size and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch

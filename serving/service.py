@@ -91,6 +91,7 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
     }
 
 
+DECLARED_MODELS = store_models()  # listed once: the class declares these and each worker loads them
 IMAGE_FORM = FormSpec("image", many=False)
 BATCH_FORM = FormSpec("images", many=True)
 
@@ -104,7 +105,7 @@ class MedZoo:
 
     def __init__(self) -> None:
         served = []
-        for attribute in store_models():
+        for attribute in DECLARED_MODELS:
             stored = getattr(type(self), attribute).stored
             metadata = {k: str(v) for k, v in stored.info.metadata.items()}
             session = make_session(str(Path(stored.path) / "saved_model.onnx"))
@@ -191,14 +192,14 @@ async def models() -> Catalogue:
     return current().catalogue()
 
 
-for _attribute, _model in store_models().items():
+for _attribute, _model in DECLARED_MODELS.items():
     setattr(MedZoo, _attribute, _model)
 
 MedZoo = bentoml.asgi_app(api, path="/")(MedZoo)
 UPLOAD_ROUTES = ["/classify", "/classify_batch"]
 # One worker process per core by default (each holds every model, a few MB, and its own batchers).
 # BentoML's access log line and tracing span per request cost about a fifth and a third of the classify
-# throughput (benchmarks/RESULTS.md), and BentoML 1.4.39 keeps every span in memory: the access log is off and
+# throughput (README, "Why fast"), and BentoML 1.4.39 keeps every span in memory: the access log is off and
 # the upload routes are not traced, unless MEDZOO_ACCESS_LOG=1 or MEDZOO_TRACING=1. Prometheus /metrics stays.
 MedZoo = bentoml.service(
     name="medzoo",

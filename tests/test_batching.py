@@ -42,16 +42,15 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers():
     assert list(batcher.batch_sizes) == model.sizes
 
 
-def test_a_lone_request_does_not_wait_for_company():
-    batcher = MicroBatcher(Recorder(), max_wait_ms=0)
+def test_requests_one_after_another_each_run_alone():
+    model = Recorder()
+    batcher = MicroBatcher(model)
 
     async def main():
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await batcher.infer(item(1))
-        return loop.time() - started
+        return [(await batcher.infer(item(i))).tolist() for i in range(3)]
 
-    assert asyncio.run(main()) < 0.5
+    assert asyncio.run(main()) == [[0, 0], [1, 2], [2, 4]]
+    assert model.sizes == [1, 1, 1]  # nobody was held back waiting for company
 
 
 def test_a_failing_batch_fails_its_requests_only_and_the_batcher_keeps_serving():
