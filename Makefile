@@ -12,9 +12,9 @@ ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt -e .
 	touch $@
 
 train: setup
@@ -24,8 +24,9 @@ test: setup
 	python -m pytest $(ARGS)
 
 lint: setup
-	ruff check zoo training serving benchmarks tests
-	ruff format --check zoo training serving benchmarks tests
+	ruff check contract zoo training serving benchmarks tests
+	ruff format --check contract zoo training serving benchmarks tests
+	lint-imports
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

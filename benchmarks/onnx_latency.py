@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zoo  # noqa: E402
-from benchmarks.common import write_section  # noqa: E402
-from training.export import export_onnx  # noqa: E402
+import zoo
+from training.export import export_onnx
 
 
 def images(n: int) -> np.ndarray:

@@ -34,12 +34,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+from common import real_data_dir, write_section
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import real_data_dir, write_section  # noqa: E402
 
 
 def free_port() -> int:
@@ -63,7 +61,8 @@ def prepare(workdir: Path, env: dict) -> None:
     steps = [
         [
             "-m",
-            "training.train",
+            "training.cli",
+            "train",
             "--model",
             "cnn",
             "--dataset",
@@ -74,8 +73,8 @@ def prepare(workdir: Path, env: dict) -> None:
             "8000",
             "--no-progress",
         ],
-        ["-m", "training.register", "--dataset", "organamnist"],
-        ["-m", "serving.deploy", "--datasets", "organamnist"],
+        ["-m", "training.cli", "register", "--dataset", "organamnist"],
+        ["-m", "training.cli", "deploy", "--datasets", "organamnist"],
     ]
     for step in steps:
         subprocess.run([sys.executable, *step], cwd=workdir, env=env, check=True, capture_output=True)
@@ -272,7 +271,6 @@ def main() -> None:
         workdir = Path(tmp)
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
             "MEDZOO_DATA_DIR": str(data_dir),
             "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
             "BENTOML_HOME": str(workdir / "bentoml"),
@@ -281,7 +279,7 @@ def main() -> None:
         print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
         prepare(workdir, env)
         os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
-        from training.data import load_dataset  # noqa: E402 (after the env points at the temp stores)
+        from training.data import load_dataset  # (after the env points at the temp stores)
 
         test = load_dataset("organamnist", data_dir).test
         images = test.images[: args.images]

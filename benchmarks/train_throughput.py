@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import medmnist
 import torch
+import torchvision.transforms as T
+from common import real_data_dir, write_section
+from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import medmnist  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import zoo  # noqa: E402
-from benchmarks.common import real_data_dir, write_section  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.engine import channels_last, make_optimizer, train_steps  # noqa: E402
+import zoo
+from training.data import load_dataset
+from training.engine import channels_last, make_optimizer, train_steps
 
 BATCH = 128
 
@@ -38,7 +33,7 @@ def fresh_model(name: str, in_chans: int, num_classes: int, mean, std) -> torch.
 
 
 def time_ours(model, dataset, steps: int) -> float:
-    optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0)
+    optimizer = make_optimizer("adam", model, 1e-3, 0.0)
     train = dataset.train
     order = torch.randperm(len(train))
 
@@ -57,7 +52,7 @@ def time_ours(model, dataset, steps: int) -> float:
 def time_reference(model, loader, steps: int) -> float:
     """The reference loop: DataLoader batches already normalised, so the model skips its own normalisation."""
     backbone = model.backbone
-    optimizer = make_optimizer("adam", backbone.parameters(), 1e-3, 0.0)
+    optimizer = make_optimizer("adam", backbone, 1e-3, 0.0)
     backbone.train()
     iterator = iter(loader)
 

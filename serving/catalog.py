@@ -14,11 +14,13 @@ from functools import cached_property
 import numpy as np
 import onnxruntime as ort
 
+from contract import ModelCard
 from serving.batching import MicroBatcher
-from serving.preprocessing import InputSpec, RequestError
+from serving.preprocessing import RequestError
 from serving.schemas import ModelInfo
 
-MODEL_PREFIX = "medzoo-"
+# The ONNX file's name inside a BentoML model folder (written by deploy, read here).
+ONNX_FILE = "model.onnx"
 # Short names people use; every task also answers to its dataset name without the "mnist" suffix.
 EXTRA_ALIASES = {"organamnist": ("organ",), "bloodmnist": ("blood", "blood-cell")}
 
@@ -27,22 +29,15 @@ def task_aliases(dataset: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((dataset, dataset.removesuffix("mnist"), *EXTRA_ALIASES.get(dataset, ()))))
 
 
-def _maybe_float(value) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 @dataclass
 class ServedModel:
-    task: str
-    spec: InputSpec
+    card: ModelCard
     session: ort.InferenceSession
-    metadata: dict
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self):
+        self.task = self.card.dataset
+        self.spec = self.card.preprocessing
         self.input_name = self.session.get_inputs()[0].name
         self.batcher = MicroBatcher(self.logits)
 
@@ -56,14 +51,14 @@ class ServedModel:
     @cached_property
     def info(self) -> ModelInfo:
         """Built once: every answer carries it."""
-        meta = self.metadata
+        card = self.card
         return ModelInfo(
-            registered_model=meta.get("registered_model", ""),
-            version=meta.get("model_version", ""),
-            architecture=meta.get("architecture", ""),
+            registered_model=card.registered_model,
+            version=card.model_version,
+            architecture=card.architecture,
             dataset=self.task,
-            val_acc=_maybe_float(meta.get("best_val_acc")),
-            test_acc=_maybe_float(meta.get("test_acc")),
+            val_acc=card.metrics.get("best_val_acc"),
+            test_acc=card.metrics.get("test_acc"),
         )
 
 

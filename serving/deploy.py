@@ -1,28 +1,24 @@
 """Import the registry's champions into the BentoML model store, ready for ``serving.service``.
 
-    python -m serving.deploy [--datasets organamnist,bloodmnist]
     mlflow run . -e deploy --env-manager local
+    python -m training.cli deploy [--datasets organamnist,bloodmnist]
 
-For every registered model ``medzoo-<dataset>`` with a ``champion`` alias, the champion's ONNX file and
-its metadata (ONNX metadata_props plus the version's validation/test metrics) become BentoML model
+For every registered model ``medzoo-<dataset>`` with a ``champion`` alias, the champion's ONNX file and its
+model card (the ONNX metadata_props, plus the registered name and version) become BentoML model
 ``medzoo-<dataset>``. A champion already imported is not imported twice.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import bentoml
 import mlflow
 import onnx
-from mlflow.exceptions import MlflowException
 
-from serving.catalog import MODEL_PREFIX
-
-CHAMPION = "champion"
+from contract import CHAMPION_ALIAS, ModelCard, dataset_of_registered_model, registered_model_name
+from serving.catalog import ONNX_FILE
 
 
 class DeployError(ValueError):
@@ -34,8 +30,8 @@ def champions() -> dict[str, object]:
     client = mlflow.MlflowClient()
     found = {}
     for registered in client.search_registered_models():
-        if registered.name.startswith(MODEL_PREFIX) and CHAMPION in (registered.aliases or {}):
-            found[registered.name] = client.get_model_version_by_alias(registered.name, CHAMPION)
+        if dataset_of_registered_model(registered.name) and CHAMPION_ALIAS in (registered.aliases or {}):
+            found[registered.name] = client.get_model_version_by_alias(registered.name, CHAMPION_ALIAS)
     return found
 
 
@@ -57,22 +53,19 @@ def import_champion(name: str, version) -> tuple[bentoml.Model, bool]:
     if existing is not None:
         return existing, False
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=tmp))
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION_ALIAS}", dst_path=tmp))
         proto = onnx.load(str(local / "model.onnx"))
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    metadata["model_version"] = str(version.version)
-    metadata["registered_model"] = name
-    for key in ("best_val_acc", "best_val_auc", "test_acc", "test_auc", "n_params"):
-        if key in version.tags:
-            metadata[key] = version.tags[key]
-    labels = {"dataset": metadata["dataset"], "model_version": str(version.version), "source_run": source_run}
-    return bentoml.onnx.save_model(name, proto, metadata=metadata, labels=labels), True
+    card = ModelCard.from_props({p.key: p.value for p in proto.metadata_props}).with_registry(name, version.version)
+    labels = {"dataset": card.dataset, "model_version": str(version.version), "source_run": source_run}
+    with bentoml.models.create(name, labels=labels, metadata=card.to_props()) as model:
+        onnx.save(proto, model.path_of(ONNX_FILE))
+    return model, True
 
 
 def deploy(datasets: list[str] | None = None) -> list[str]:
     found = champions()
     if datasets:
-        wanted = {f"{MODEL_PREFIX}{d}" for d in datasets}
+        wanted = {registered_model_name(d) for d in datasets}
         missing = sorted(wanted - set(found))
         if missing:
             raise DeployError(
@@ -83,7 +76,7 @@ def deploy(datasets: list[str] | None = None) -> list[str]:
     if not found:
         raise DeployError(
             f"the registry at {mlflow.get_tracking_uri()} has no medzoo-* model with a "
-            f"'{CHAMPION}' alias; train and register first."
+            f"'{CHAMPION_ALIAS}' alias; train and register first."
         )
     lines = []
     for name, version in sorted(found.items()):
@@ -93,28 +86,7 @@ def deploy(datasets: list[str] | None = None) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", default="", help="comma-separated datasets (default: every champion)")
-    args = parser.parse_args(argv)
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    try:
-        for line in deploy(datasets or None):
-            print(line)
-    except (DeployError, MlflowException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"serve with: bentoml serve serving.service:MedZoo (BentoML home: {bentoml_home()})")
-    return 0
-
-
 def bentoml_home() -> str:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return str(BentoMLContainer.bentoml_home.get())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

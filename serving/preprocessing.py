@@ -1,4 +1,4 @@
-"""Bytes to model input, driven only by the model's own ONNX metadata (no torch, no training code).
+"""Bytes to model input, driven only by the model card's preprocessing (no torch, no training code).
 
 For an image at the model's native size this gives exactly the tensor the training pipeline feeds:
 uint8 pixels / 255, channels first. Other sizes are resized with PIL's bilinear filter, the filter the
@@ -8,13 +8,13 @@ training data layer reproduces when it resizes.
 from __future__ import annotations
 
 import io
-import json
 import warnings
-from dataclasses import dataclass
 from http import HTTPStatus
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from contract import Preprocessing
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -28,23 +28,6 @@ class RequestError(Exception):
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    input_size: int
-    in_chans: int
-    resize: str
-    class_names: tuple[str, ...]
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "InputSpec":
-        return cls(
-            int(meta["input_size"]),
-            int(meta["in_chans"]),
-            meta.get("resize", "bilinear"),
-            tuple(json.loads(meta["class_names"])),
-        )
 
 
 def decode_image(data: bytes, filename: str = "image") -> Image.Image:
@@ -87,7 +70,7 @@ def decode_image(data: bytes, filename: str = "image") -> Image.Image:
     return image
 
 
-def to_model_input(image: Image.Image, spec: InputSpec) -> np.ndarray:
+def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """float32 [C, H, W] in [0, 1]: channels converted as the model needs, resized, divided by 255."""
     image = image.convert("L" if spec.in_chans == 1 else "RGB")
     if image.size != (spec.input_size, spec.input_size):

@@ -20,14 +20,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import request_response
 
+from contract import REGISTERED_MODEL_PREFIX, ModelCard
 from serving import bentoml_fixes
-from serving.catalog import MODEL_PREFIX, Catalog, ServedModel, make_session
+from serving.catalog import ONNX_FILE, Catalog, ServedModel, make_session
 from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
 from serving.preprocessing import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
-    InputSpec,
     RequestError,
     decode_image,
     to_model_input,
@@ -39,7 +39,7 @@ bentoml_fixes.apply()
 
 def store_models() -> dict[str, bentoml.models.BentoModel]:
     """The latest version of every medzoo-* model in the BentoML store, keyed by a valid attribute name."""
-    names = sorted({m.tag.name for m in bentoml.models.list() if m.tag.name.startswith(MODEL_PREFIX)})
+    names = sorted({m.tag.name for m in bentoml.models.list() if m.tag.name.startswith(REGISTERED_MODEL_PREFIX)})
     return {f"model_{name.replace('-', '_')}": bentoml.models.BentoModel(f"{name}:latest") for name in names}
 
 
@@ -51,7 +51,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def prediction(model: ServedModel, logits: np.ndarray) -> Prediction:
     probs = softmax(logits.astype(np.float64))
     best = int(probs.argmax())
-    names = model.spec.class_names
+    names = model.card.class_names
     ranked = sorted(zip(names, probs.tolist()), key=lambda pair: -pair[1])
     return Prediction(
         task=model.task,
@@ -107,9 +107,8 @@ class MedZoo:
         served = []
         for attribute in DECLARED_MODELS:
             stored = getattr(type(self), attribute).stored
-            metadata = {k: str(v) for k, v in stored.info.metadata.items()}
-            session = make_session(str(Path(stored.path) / "saved_model.onnx"))
-            served.append(ServedModel(metadata["dataset"], InputSpec.from_metadata(metadata), session, metadata))
+            card = ModelCard.from_props({k: str(v) for k, v in stored.info.metadata.items()})
+            served.append(ServedModel(card, make_session(str(Path(stored.path) / ONNX_FILE))))
         self.catalog = Catalog(served)
         # What exists now (modules, models) lives as long as the worker: frozen, full garbage collections stop
         # scanning it, which otherwise pauses the worker for ~70 ms each time under load.
@@ -134,7 +133,7 @@ class MedZoo:
             TaskInfo(
                 task=m.task,
                 aliases=list(m.aliases),
-                class_names=list(m.spec.class_names),
+                class_names=list(m.card.class_names),
                 input_size=m.spec.input_size,
                 in_chans=m.spec.in_chans,
                 resize=m.spec.resize,

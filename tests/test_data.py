@@ -96,6 +96,16 @@ def test_missing_file_offline_says_where_to_put_it(tmp_path):
         pytest.skip("this machine is online: the download succeeded")
 
 
+def test_failed_mnist_download_leaves_no_empty_folders(tmp_path):
+    try:
+        load_dataset("fashionmnist", tmp_path)
+    except DatasetError as err:
+        assert "place the four idx files" in str(err)
+        assert list(tmp_path.iterdir()) == []
+    else:
+        pytest.skip("this machine is online: the download succeeded")
+
+
 def test_corrupt_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDZOO_VERIFY_MD5", "0")
     (tmp_path / "breastmnist.npz").write_bytes(b"this is not a zip archive")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, project_env
+from tests.conftest import ROOT, project_env, shrunk
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +24,11 @@ def all_runs():
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
+TRAIN_PARAMS = ("model=cnn", "dataset=bloodmnist", "epochs=3", "batch_size=16", "lr=0.01", "model.filters=8,16")
+
+
 def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
-    result = mlflow_run(
-        "model=cnn",
-        "dataset=bloodmnist",
-        "epochs=3",
-        "batch_size=32",
-        "lr=0.003",
-        "model_kwargs=filters=8,16 hidden=32",
-    )
+    result = mlflow_run(*TRAIN_PARAMS, "model.hidden=32")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs()
     run_id = run.info.run_id
@@ -40,7 +36,8 @@ def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
     params = run.data.params
     assert params["model"] == "cnn" and params["dataset"] == "bloodmnist" and params["epochs"] == "3"
     assert params["num_classes"] == "8" and params["in_chans"] == "3" and params["input_size"] == "28"
-    assert params["model_filters"] == "8,16" and params["train_samples"] == "96"
+    assert params["model.filters"] == "8,16" and params["model.hidden"] == "32" and params["train_samples"] == "96"
+    assert params["model_kwargs"] == "filters=8,16 hidden=32" and params["recipe"] == "quick"
 
     client = mlflow.MlflowClient()
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr"):
@@ -92,6 +89,18 @@ def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
 
 
+def test_a_run_logs_the_same_params_through_mlflow_run_and_the_cli(synthetic_env, mlflow_store):
+    params = [p for p in TRAIN_PARAMS if not p.startswith("epochs=")] + ["epochs=1"]
+    assert mlflow_run(*params).returncode == 0
+    flags = [f"--{p.replace('=', ' ', 1)}" for p in params] + ["--no-progress"]
+    command = [sys.executable, "-m", "training.cli", "train", *" ".join(flags).split()]
+    result = subprocess.run(command, capture_output=True, text=True, env=project_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    through_mlflow, through_cli = sorted(all_runs(), key=lambda r: r.info.start_time)
+    assert through_mlflow.data.params == through_cli.data.params
+    assert "''" not in through_mlflow.data.params.values() and "None" not in through_cli.data.params.values()
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
@@ -132,10 +141,9 @@ def test_mlflow_run_main_trains_then_registers_with_nested_runs(synthetic_env, m
 
 
 def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_store, tmp_path):
-    from training.config import TrainConfig
     from training.train import run_training
 
-    outcome = run_training(TrainConfig(model="mlp", dataset="breastmnist", epochs=1), progress=False)
+    outcome = run_training(shrunk(model="mlp", dataset="breastmnist", epochs=1), progress=False)
     output = tmp_path / "exported" / "breast.onnx"
     result = mlflow_run(f"run_id={outcome.run_id}", f"output={output}", entry_point="export")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,5 +151,5 @@ def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_stor
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
-    assert props["source_run"] == outcome.run_id and props["model_version"] == ""
+    assert props["source_run"] == outcome.run_id and "model_version" not in props
     assert mlflow.search_registered_models() == []  # export never registers

@@ -1,12 +1,28 @@
 """The project's declarative files agree with the code: one place for each fact, checked."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
+from training.cli import COMMANDS, build_parser
 from training.config import TrainConfig
-from training.train import build_parser
+from training.options import mlproject_type
+
+# MLproject entry point -> CLI sub-command
+ENTRY_POINTS = {
+    "train": "train",
+    "sweep": "sweep",
+    "benchmark": "leaderboard",
+    "main": "pipeline",
+    "register": "register",
+    "export": "export",
+    "deploy": "deploy",
+}
 
 
 def test_conda_env_lists_exactly_the_pinned_requirements():
@@ -21,25 +37,84 @@ def test_conda_env_lists_exactly_the_pinned_requirements():
     assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
 
 
-def test_mlproject_train_parameters_match_the_cli_and_config():
-    project = yaml.safe_load((ROOT / "MLproject").read_text())
-    train = project["entry_points"]["train"]
-    params = set(train["parameters"])
-    assert params == set(TrainConfig.field_names())
-    cli_flags = {a.dest for a in build_parser()._actions} - {"help", "no_progress"}
-    assert params == cli_flags
-    for name in params:
-        assert re.search(rf"--{name.replace('_', '-')} \{{{name}\}}", train["command"]), name
-    defaults = TrainConfig()
-    for name, spec in train["parameters"].items():
-        if name in ("dropout", "model_kwargs"):
-            continue
-        assert str(spec["default"]) == str(getattr(defaults, name)) or float(spec["default"]) == getattr(defaults, name)
+def subcommand_actions(name: str) -> dict:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "no_progress")}
 
 
-def test_every_entry_point_passes_each_parameter_to_its_command():
+def field_types(command: str) -> dict[str, str]:
+    types = {name: mlproject_type(TrainConfig, name) for name in TrainConfig.field_names()}
+    for cls in COMMANDS[command].options:
+        types.update({name: mlproject_type(cls, name) for name in cls.__dataclass_fields__})
+    return types
+
+
+@pytest.mark.parametrize("entry_point, command", ENTRY_POINTS.items())
+def test_mlproject_parameters_equal_the_cli_in_name_type_and_default(entry_point, command):
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry_point]
+    actions, types = subcommand_actions(command), field_types(command)
+    declared = set(entry["parameters"])
+    assert entry["command"].split()[:4] == ["python", "-m", "training.cli", command]
+    # Every option of the command is declared, except training parameters that fall back to the recipe:
+    # `mlflow run` passes those as --name value when given, and the CLI accepts that spelling.
+    undeclared = set(actions) - declared
+    assert declared <= set(actions), entry_point
+    assert undeclared <= set(TrainConfig.field_names()), undeclared
+    for name in undeclared:
+        assert f"--{name}" in actions[name].option_strings, name
+    if COMMANDS[command].trains:
+        assert "recipe" in declared
+    for name, spec in entry["parameters"].items():
+        action = actions[name]
+        assert f"--{name.replace('_', '-')} {{{name}}}" in " ".join(entry["command"].split()), name
+        assert spec["type"] == types[name], (name, spec["type"], types[name])
+        if action.required:
+            assert "default" not in spec, name
+        else:
+            default = spec["default"]
+            assert str(default).lower() == str(action.default).lower() or float(default) == float(action.default), (
+                name,
+                default,
+                action.default,
+            )
+
+
+def test_mlproject_has_exactly_the_cli_entry_points():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert set(project["entry_points"]) == {"train", "register", "export", "main", "deploy", "sweep", "benchmark"}
-    for name, entry in project["entry_points"].items():
-        for param in entry.get("parameters", {}):
-            assert f"{{{param}}}" in entry["command"], (name, param)
+    assert set(project["entry_points"]) == set(ENTRY_POINTS)
+    assert set(ENTRY_POINTS.values()) == set(COMMANDS)
+
+
+def test_readme_training_table_lists_every_parameter_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| parameter | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| `?([^|`]*)`? \|", table, re.M)}
+    params = TrainConfig().to_params()
+    assert set(rows) == set(params)
+    for name, text in rows.items():
+        assert text.strip() == params[name], name
+
+
+def test_readme_recipe_table_is_the_recipes_file():
+    from training.recipes import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- recipes:start -->\n", 1)[1].split("\n<!-- recipes:end -->", 1)[0]
+    assert section == markdown_table(), "README recipe table is stale: paste training.recipes.markdown_table()"
+
+
+def test_layering_contracts_hold():
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint_imports)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "5 kept, 0 broken" in result.stdout
+
+
+def test_the_shipped_search_space_loads_for_every_model_it_names():
+    from training.search_space import DEFAULT_SPACE_FILE, load_space
+
+    document = yaml.safe_load(DEFAULT_SPACE_FILE.read_text())
+    for model in ["mlp", "cnn", "alexnet", "resnet18", "mobilenetv2", *document["models"]]:
+        dimensions = load_space(model, DEFAULT_SPACE_FILE)
+        assert {"lr", "batch_size", "weight_decay", "optimizer"} <= {d.name for d in dimensions}, model

@@ -9,8 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import store_with_synthetic_data
-from training.config import TrainConfig
+from tests.conftest import shrunk, store_with_synthetic_data
 from training.export import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
 from training.register import RegistrationError, candidate_runs, choose_best, register_best
 from training.train import run_training
@@ -30,7 +29,7 @@ def store(tmp_path_factory, synthetic_data_dir):
             ("runner_up", "cnn", {"filters": "8", "hidden": 16}),
         ):
             outcome = run_training(
-                TrainConfig(model=model, dataset="bloodmnist", epochs=1, batch_size=32, model_kwargs=kwargs),
+                shrunk(model=model, epochs=1, model_kwargs=kwargs, tta="none"),
                 progress=False,
             )
             runs[label] = outcome.run_id
@@ -89,7 +88,7 @@ def test_export_of_unknown_or_modelless_runs_is_a_clear_error(store):
 
 
 def test_a_corrupted_export_fails_the_parity_check(store):
-    model, meta = load_logged_model(store["small"])
+    model, _ = load_logged_model(store["small"])
     wrong = torch.nn.Sequential()
     wrong.add_module("shift", _Scale(1.05))  # a wrong normalisation in front of the real network
     wrong.add_module("net", model)
@@ -112,7 +111,9 @@ class _Scale(torch.nn.Module):
         return x * self.factor
 
 
-def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir):
+def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir, monkeypatch):
+    # Registering needs no dataset file: parity uses the validation images logged with the model.
+    monkeypatch.setenv("MEDZOO_DATA_DIR", str(synthetic_data_dir / "absent"))
     client = mlflow.MlflowClient()
     first = register_best("bloodmnist")
     assert (first.version, first.run_id, first.promoted, first.created) == ("1", store["small"], True, True)
@@ -127,7 +128,8 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir)
     local = mlflow.artifacts.download_artifacts("models:/medzoo-bloodmnist@champion")
     proto = onnx.load(f"{local}/model.onnx")
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props["dataset"] == "bloodmnist" and props["model_version"] == "1" and props["source_run"] == store["small"]
+    assert props["dataset"] == "bloodmnist" and props["source_run"] == store["small"]
+    assert "model_version" not in props  # the registry version is never guessed into the file
     assert json.loads(props["class_names"])[7] == "platelet" and props["input_size"] == "28"
     assert props["in_chans"] == "3" and props["resize"] == "bilinear"
     onnx.checker.check_model(proto, full_check=True)
@@ -141,7 +143,7 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir)
     pytorch_model, _ = load_logged_model(store["small"])
     from training.data import load_dataset
 
-    images = load_dataset("bloodmnist").val.images[:32].float().numpy() / 255
+    images = load_dataset("bloodmnist", synthetic_data_dir).val.images[:32].float().numpy() / 255
     with torch.no_grad():
         expected = pytorch_model(torch.from_numpy(images)).numpy()
     pyfunc = mlflow.pyfunc.load_model("models:/medzoo-bloodmnist@champion")
@@ -152,6 +154,10 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir)
     again = register_best("bloodmnist")
     assert (again.version, again.created, again.promoted) == ("1", False, False)
     assert len(client.search_model_versions("name = 'medzoo-bloodmnist'")) == 1
+    onnx_models = mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{store['small']}' AND name = 'onnx'", output_format="list"
+    )
+    assert len(onnx_models) == 1  # exporting again reuses the run's ONNX model
 
     # The champion's run is deleted: the next best is registered but does not beat the champion.
     client.delete_run(store["small"])

@@ -20,9 +20,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from serving.preprocessing import MAX_BATCH_IMAGES, InputSpec, decode_image, to_model_input
-from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data, store_with_synthetic_data
-from training.config import TrainConfig
+from contract import Preprocessing
+from serving.preprocessing import MAX_BATCH_IMAGES, decode_image, to_model_input
+from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data, shrunk, store_with_synthetic_data
 from training.data import load_dataset
 from training.engine import to_input
 from training.register import register_best
@@ -46,13 +46,7 @@ def deployed(tmp_path_factory, synthetic_data_dir):
     with store_with_synthetic_data(root, synthetic_data_dir) as uri:
         for dataset in ("bloodmnist", "breastmnist"):
             run_training(
-                TrainConfig(
-                    model="cnn",
-                    dataset=dataset,
-                    epochs=2,
-                    batch_size=32,
-                    model_kwargs={"filters": "8,16", "hidden": 32},
-                ),
+                shrunk(dataset=dataset),
                 progress=False,
             )
             register_best(dataset)
@@ -94,7 +88,7 @@ def post_image(client, data: bytes, task: str = "blood", name: str = "cell.png",
 @pytest.mark.parametrize("dataset", ["bloodmnist", "organamnist", "breastmnist"])
 def test_service_preprocessing_equals_the_training_pipeline_on_real_test_images(dataset):
     data = load_dataset(dataset, REAL_DATA_DIR)
-    spec = InputSpec(input_size=28, in_chans=data.channels, resize="bilinear", class_names=tuple(data.class_names))
+    spec = Preprocessing(input_size=28, in_chans=data.channels, mean=(0.5,), std=(0.5,))
     images = data.test.images[:64]
     served = np.stack([to_model_input(decode_image(png(img.numpy())), spec) for img in images])
     assert served.dtype == np.float32
@@ -102,7 +96,7 @@ def test_service_preprocessing_equals_the_training_pipeline_on_real_test_images(
 
 
 def test_channels_and_size_follow_the_model():
-    rgb_spec = InputSpec(28, 3, "bilinear", ("a", "b"))
+    rgb_spec = Preprocessing(28, 3, (0.5,) * 3, (0.5,) * 3)
     gray = Image.fromarray(np.full((64, 80), 200, np.uint8))
     buffer = io.BytesIO()
     gray.save(buffer, "BMP")
@@ -125,7 +119,7 @@ def test_classify_matches_offline_onnxruntime(client, deployed):
         assert list(body["probabilities"].values()) == sorted(body["probabilities"].values(), reverse=True)
         assert body["label"] == next(iter(body["probabilities"]))
         assert body["model"]["registered_model"] == "medzoo-bloodmnist" and body["model"]["version"] == "1"
-        assert body["model"]["architecture"] == "cnn" and 0 <= body["model"]["val_acc"] <= 1
+        assert body["model"]["architecture"] == "resnet9" and 0 <= body["model"]["val_acc"] <= 1
 
 
 def test_batch_endpoint_keeps_upload_order(client, deployed):
@@ -317,7 +311,7 @@ def test_bentoml_build_packs_the_service_and_every_champion(deployed, tmp_path):
     assert {"service.py", "forms.py", "bentoml_fixes.py"} <= {p.name for p in source.glob("*.py")}
     archive = bentoml.bentos.export_bento(tag, str(tmp_path / "medzoo.bento"))  # what gets shipped
     with tarfile.open(archive) as packed:
-        onnx_files = [name for name in packed.getnames() if name.endswith("saved_model.onnx")]
+        onnx_files = [name for name in packed.getnames() if name.endswith("/model.onnx")]
     packed_models = sorted(name.split("models/", 1)[1].split("/")[0] for name in onnx_files)
     assert packed_models == ["medzoo-bloodmnist", "medzoo-breastmnist"]
 

@@ -2,14 +2,17 @@
 
 import subprocess
 import sys
+import time
 
 import mlflow
 import optuna
 import pytest
 
-from tests.conftest import ROOT, project_env
-from training.config import ConfigError, TrainConfig
-from training.sweep import run_sweep
+from tests.conftest import ROOT, project_env, shrunk
+from training.cli import SweepOptions
+from training.config import ConfigError
+from training.sweep import PARENT_RUN_ATTR
+from training.sweep import run_sweep as run_sweep_with_options
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +34,15 @@ def space_file(tmp_path):
     return str(path)
 
 
-def base(**overrides) -> TrainConfig:
-    values = dict(model="cnn", dataset="breastmnist", epochs=3, batch_size=32, model_kwargs={"hidden": 16})
+def base(**overrides):
+    values = dict(model="cnn", dataset="breastmnist", epochs=3, model_kwargs={"hidden": 16})
     values.update(overrides)
-    return TrainConfig(**values)
+    return shrunk(**values)
+
+
+def run_sweep(base, trials, space_file, storage, study_name="auto", pruning=True, progress=False):
+    options = SweepOptions(trials, space_file, storage, study_name, pruning)
+    return run_sweep_with_options(base, options, progress=progress)
 
 
 def all_runs():
@@ -52,19 +60,28 @@ def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, sp
     for child in children:  # same names as a plain training run, one value per epoch trained
         history = client.get_metric_history(child.info.run_id, "val_auc")
         assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
-        assert {"lr", "optimizer", "model_filters", "model_kernel_size"} <= set(child.data.params)
+        assert {"lr", "optimizer", "model.filters", "model.kernel_size"} <= set(child.data.params)
     best = result.study.best_trial
-    assert parent.data.params["best_lr"] == str(best.params["lr"])
-    assert parent.data.metrics["best_val_auc"] == pytest.approx(best.value)
+    assert parent.data.tags["best_lr"] == str(best.params["lr"])
+    assert parent.data.metrics[f"best_{base().select_key}"] == pytest.approx(best.value)
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= artifacts or (
-        "plots/optimization_history.png" in artifacts and "param_importances" in parent.data.tags
-    )
+    assert "plots/optimization_history.png" in artifacts
+    completed = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len({tuple(sorted(t.params.items())) for t in completed}) >= 2:  # importances need varied trials
+        assert "plots/param_importances.png" in artifacts
+    else:
+        assert "plots/param_importances.png" not in artifacts and "param_importances" in parent.data.tags
 
     resumed = run_sweep(base(), trials=2, space_file=space_file, storage=storage, progress=False)
     assert len(resumed.study.trials) == 5 and resumed.study.study_name == "cnn-breastmnist"
     assert sorted(t.number for t in resumed.study.trials) == [0, 1, 2, 3, 4]
+    # The resumed sweep continues under its first parent: one parent, five nested trials.
+    assert resumed.parent_run_id == result.parent_run_id
+    assert [r.info.run_name for r in all_runs()].count("sweep-cnn-breastmnist") == 1
+    children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(children) == 5
+    assert mlflow.get_run(result.parent_run_id).info.status == "FINISHED"
 
 
 def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, tmp_path):
@@ -98,7 +115,8 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
     command = [
         sys.executable,
         "-m",
-        "training.sweep",
+        "training.cli",
+        "sweep",
         "--model",
         "cnn",
         "--dataset",
@@ -117,20 +135,32 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
         "shared",
         "--no-progress",
     ]
-    workers = [
-        subprocess.Popen(
+
+    def start():
+        return subprocess.Popen(
             command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for _ in range(2)
-    ]
+
+    first = start()
+    # The second worker joins once the first has opened the study's parent run, as a later worker would.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            if PARENT_RUN_ATTR in optuna.load_study(study_name="shared", storage=storage).user_attrs:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    workers = [first, start()]
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-3000:]
     study = optuna.load_study(study_name="shared", storage=storage)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == 4 and sorted(numbers) == [0, 1, 2, 3]
-    parents = [r for r in all_runs() if r.info.run_name == "sweep-shared"]
-    assert len(parents) == 2
+    (parent,) = [r for r in all_runs() if r.info.run_name == "sweep-shared"]
+    children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
 
 
 @pytest.mark.parametrize(
@@ -138,7 +168,7 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
     [
         ("common: [unclosed", 3, "cnn", "is not valid YAML"),
         ("common:\n  learning_rate: {type: float, low: 0.1, high: 0.2}\n", 3, "cnn", "unknown parameter"),
-        ("models:\n  cnn:\n    model.kernel: {type: categorical, choices: [3]}\n", 3, "cnn", "has no option 'kernel'"),
+        ("models:\n  cnn:\n    model.kernel: {type: categorical, choices: [3]}\n", 3, "cnn", "has no option.s. kernel"),
         ("common:\n  lr: {type: float, low: 0.2, high: 0.1}\n", 3, "cnn", "needs low < high"),
         (
             "models:\n  cnn:\n    model.pool: {type: categorical, choices: [max, median]}\n",
@@ -168,7 +198,10 @@ def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
     from training.leaderboard import run_leaderboard
 
     parent_id, rows = run_leaderboard(
-        ["mlp", "cnn"], ["breastmnist", "bloodmnist"], TrainConfig(epochs=1, batch_size=32), progress=False
+        ["mlp", "cnn"],
+        ["breastmnist", "bloodmnist"],
+        lambda model, dataset: shrunk(model=model, dataset=dataset, epochs=1),
+        progress=False,
     )
     assert sorted((r["dataset"], r["model"]) for r in rows) == [
         ("bloodmnist", "cnn"),

@@ -6,6 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from tests.conftest import shrunk
 from training.config import ConfigError, TrainConfig, parse_model_kwargs
 from training.data import DatasetError
 from training.train import run_training
@@ -14,16 +15,9 @@ PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", 
 
 
 def tiny(**overrides) -> TrainConfig:
-    values = dict(
-        model="cnn",
-        dataset="bloodmnist",
-        epochs=3,
-        batch_size=32,
-        lr=3e-3,
-        model_kwargs={"filters": "8,16", "hidden": 32},
-    )
+    values = dict(model="cnn", epochs=3, model_kwargs={"filters": "8,16", "hidden": 32})
     values.update(overrides)
-    return TrainConfig(**values)
+    return shrunk(**values)
 
 
 def runs(status=None):
@@ -32,7 +26,7 @@ def runs(status=None):
 
 
 def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env, mlflow_store):
-    outcome = run_training(tiny(epochs=4, select_metric="acc"), progress=False)
+    outcome = run_training(tiny(epochs=4, select_metric="acc", tta="none"), progress=False)
     history = [h.metrics["val_acc"] for h in outcome.fit.history]
     assert outcome.fit.best_epoch == 1 + int(np.argmax(history))
     assert outcome.val_metrics["best_val_acc"] == pytest.approx(max(history))
@@ -49,14 +43,33 @@ def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env
     assert len(client.get_metric_history(outcome.run_id, "test_acc")) == 1
 
 
-def test_early_stopping_and_schedulers(synthetic_env, mlflow_store):
-    # lr so small nothing improves after the first epoch -> patience 1 stops at epoch 2
-    outcome = run_training(
-        tiny(epochs=6, lr=1e-9, patience=1, scheduler="plateau", select_metric="acc"), progress=False
-    )
-    assert outcome.fit.stopped_early and len(outcome.fit.history) < 6
-    for scheduler in ("onecycle", "multistep"):
-        outcome = run_training(tiny(epochs=2, scheduler=scheduler, optimizer="sgd"), progress=False)
+def test_selection_keeps_the_best_candidate_and_counts_patience():
+    from training.engine import Selection
+
+    selection, states = Selection(patience=2), {}
+    scores = [{"raw": 0.5}, {"raw": 0.7, "ema": 0.8}, {"raw": 0.79, "ema": 0.8}, {"raw": float("nan")}]
+    for epoch, candidates in enumerate(scores, 1):
+        selection.update(epoch, candidates, lambda source, e=epoch: states.setdefault((e, source), {"w": (e, source)}))
+    assert (selection.best_epoch, selection.best_source, selection.best_score) == (2, "ema", 0.8)
+    assert selection.state == {"w": (2, "ema")} and selection.exhausted  # epochs 3 and 4 brought no gain
+    assert not Selection(patience=0).exhausted
+
+
+def test_early_stopping_follows_the_recorded_validation_scores(synthetic_env, mlflow_store):
+    outcome = run_training(tiny(epochs=6, patience=1, scheduler="plateau", select_metric="acc"), progress=False)
+    # Each epoch offers the raw weights and their EMA; either one improving resets the patience.
+    scores = [max(h.metrics["val_acc"], h.metrics.get("ema_val_acc", -1.0)) for h in outcome.fit.history]
+    best, stale, expected_stop = -1.0, 0, None
+    for epoch, score in enumerate(scores, 1):
+        stale = 0 if score > best else stale + 1
+        best = max(best, score)
+        if stale >= 1:
+            expected_stop = epoch
+            break
+    assert outcome.fit.stopped_early == (expected_stop is not None)
+    assert len(scores) == (expected_stop or 6)
+    for scheduler in ("onecycle", "multistep", "cosine", "none"):
+        outcome = run_training(tiny(epochs=2, scheduler=scheduler, optimizer="sgd", warmup_epochs=1), progress=False)
         assert all(math.isfinite(h.metrics["train_loss"]) for h in outcome.fit.history)
 
 
@@ -66,7 +79,7 @@ def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
     def weight_norm(**kw):
         torch.manual_seed(0)
         outcome = run_training(
-            tiny(model="mlp", epochs=2, model_kwargs={}, optimizer="sgd", lr=0.05, **kw), progress=False
+            tiny(model="mlp", epochs=2, model_kwargs={}, optimizer="sgd", lr=0.05, ema=0.0, **kw), progress=False
         )
         model = mlflow.pytorch.load_model(outcome.model_uri)
         return sum(float(p.abs().sum()) for p in model.state_dict().values() if p.dim() > 1)
@@ -81,14 +94,14 @@ def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
     [
         (dict(model="resnet-18"), "Unknown model 'resnet-18'"),
         (dict(dataset="chestmnist"), "multi-label"),
-        (dict(optimizer="lion"), "optimizer='lion' is not one of: sgd, adam, adamw, rmsprop"),
+        (dict(optimizer="adagrad"), "optimizer='adagrad' is not one of: sgd, adam, adamw, nadamw, lamb, lion"),
         (dict(scheduler="step"), "scheduler='step' is not one of"),
         (dict(select_metric="f1"), "select_metric='f1' is not one of: auc, acc"),
         (dict(epochs=0), "epochs=0 must be >= 1"),
         (dict(lr=-1.0), "lr=-1.0 must be > 0"),
         (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
         (dict(model_kwargs={"kernel": 5}), "cnn' has no option.*kernel"),
-        (dict(model="mlp", pretrained="true"), "has no pretrained weights"),
+        (dict(model="mlp", model_kwargs={}, pretrained="true"), "has no pretrained weights"),
     ],
 )
 def test_bad_values_fail_before_any_run_exists(overrides, message, synthetic_env, mlflow_store):

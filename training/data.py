@@ -296,9 +296,13 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageDataset:
 
     class_name, class_names = TORCHVISION_DATASETS[name]
     dataset_cls = getattr(tvd, class_name)
+    folder = root / class_name
+    existed = folder.exists()
     try:
         parts = {train: dataset_cls(str(root), train=train, download=download) for train in (True, False)}
     except RuntimeError as err:
+        if not existed:  # torchvision creates <root>/<Name>/raw before downloading; leave no empty folders
+            _remove_empty_tree(folder)
         raise DatasetError(
             f"{class_name} is not in {root / class_name / 'raw'} and could not be downloaded ({err}). "
             f"Without internet, place the four idx files (train-images-idx3-ubyte, ...) there."
@@ -323,6 +327,12 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageDataset:
         digest=digest,
         notes=[f"validation split: a fixed stratified {VAL_FRACTION:.0%} of train (seed {VAL_SPLIT_SEED})"],
     )
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _carve_val_split(train: Split) -> tuple[Split, Split]:

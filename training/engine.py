@@ -1,7 +1,8 @@
 """The training loop: epochs over in-memory uint8 tensors, validation every epoch, best-epoch selection.
 
-Deliberately a plain loop (nanoGPT style): read it top to bottom. MLflow lives in ``training.tracking``;
-this module only reports each epoch through the ``on_epoch_end`` callback.
+Deliberately a plain loop (nanoGPT style): read :func:`fit` top to bottom. The pieces around it come from
+libraries: optimisers and schedulers from timm, the weight EMA (``ModelEmaV3``) and MixUp/CutMix from timm.
+MLflow lives in ``training.tracking``; this module only reports each epoch through ``on_epoch_end``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,54 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.augment import Augmenter
 from training.data import Split
 from training.metrics import classification_metrics
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+# Optimisers come from timm (no weight decay on norms and biases, Lion/LAMB/NAdamW); these are the ones offered.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadamw", "lamb", "lion", "rmsprop")
+# torch's own implementations with a fused kernel: one kernel for all parameters instead of a loop of small ones.
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "multistep", "plateau")
+CLASS_BALANCES = ("none", "weighted_loss", "oversample")
+DEVICES = ("auto", "cpu", "cuda")
 EVAL_BATCH_SIZE = 512
+
+
+class DeviceError(ValueError):
+    """A device that this machine does not have."""
+
+
+@dataclass
+class FitOptions:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    l1: float = 0.0
+    scheduler: str = "none"
+    warmup_epochs: int = 0
+    patience: int = 0
+    select_metric: str = "val_auc"
+    seed: int = 0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema: float = 0.0  # decay of the weight EMA; 0 = no EMA
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
+    class_balance: str = "none"
+    augment: tuple[str, ...] = ()
+    head_lr: float | None = None  # learning rate of the classifier head (None: lr)
+    head_parameters: frozenset[str] = frozenset()  # names of the head's parameters, for head_lr
+    device: str = "cpu"
 
 
 @dataclass
@@ -37,6 +77,7 @@ class FitResult:
     history: list[EpochResult] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = -math.inf
+    best_weights: str = "raw"  # "raw" or "ema": which weights won the validation selection
     train_time: float = 0.0
     images_seen: int = 0
     stopped_early: bool = False
@@ -48,6 +89,14 @@ class FitResult:
 
 class StopTraining(Exception):
     """Raised by an ``on_epoch_end`` callback (e.g. an Optuna pruner) to end training after this epoch."""
+
+
+def resolve_device(name: str) -> str:
+    if name not in DEVICES:
+        raise DeviceError(f"device={name!r} is not one of: {', '.join(DEVICES)}.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device='cuda' but this machine has no CUDA GPU (torch.cuda.is_available() is False).")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -70,51 +119,106 @@ def channels_last(model: nn.Module):
         model.to(memory_format=torch.contiguous_format)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # fused: one kernel for all parameters instead of a loop of small ones (supported on CPU since torch 2.4)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=True)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
-    raise ValueError(f"optimizer={name!r} is not one of: {', '.join(OPTIMIZERS)}")
+def autocast(device: str):
+    """bfloat16 autocast on GPUs; plain float32 on CPUs (where bf16 is slower for these small nets)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
-def make_scheduler(name: str, optimizer, epochs: int, steps_per_epoch: int):
-    """Returns (scheduler, steps_per_batch). Per-batch schedulers step every batch, the others every epoch."""
-    if name == "none":
-        return None, False
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch), True
-    if name == "onecycle":
-        max_lr = optimizer.param_groups[0]["lr"]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=epochs * steps_per_epoch), True
-    if name == "multistep":  # the MedMNIST v2 recipe: x0.1 at 50% and 75% of training
-        milestones = [int(epochs * 0.5), int(epochs * 0.75)]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1), False
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2), False
-    raise ValueError(f"scheduler={name!r} is not one of: {', '.join(SCHEDULERS)}")
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None, head=frozenset()
+) -> torch.optim.Optimizer:
+    """timm's optimiser ``name``; weight decay skips biases and norm parameters (1-D tensors), as in nanoGPT.
+
+    Frozen parameters (``requires_grad=False``) are left out; the head's parameters may get their own lr.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is not one of: {', '.join(OPTIMIZERS)}")
+    groups = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in param_groups_weight_decay(model, weight_decay):
+        for is_head in (False, True):
+            params = [p for p in group["params"] if (names[id(p)] in head) == is_head]
+            if params:
+                lr_of_group = head_lr if is_head and head_lr is not None else lr
+                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": lr_of_group})
+    extra = {"fused": True} if name in FUSED_OPTIMIZERS else {}
+    return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=0.9, **extra)
+
+
+class Schedule:
+    """The learning-rate schedule stepped per batch and per epoch: timm's schedulers, or torch's OneCycleLR."""
+
+    def __init__(self, name: str, optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0):
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler={name!r} is not one of: {', '.join(SCHEDULERS)}")
+        self.name, self.onecycle, self.timm = name, None, None
+        if name == "onecycle":  # has its own warm-up
+            max_lr = [g["lr"] for g in optimizer.param_groups]
+            self.onecycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=epochs * steps_per_epoch)
+            return
+        per_step = name in ("cosine", "none")
+        kwargs = dict(
+            num_epochs=epochs,
+            warmup_epochs=warmup_epochs,
+            warmup_lr=0.0,
+            step_on_epochs=not per_step,
+            updates_per_epoch=steps_per_epoch,
+        )
+        if name == "cosine":
+            self.timm, _ = create_scheduler_v2(optimizer, "cosine", min_lr=0.0, **kwargs)
+        elif name == "multistep":  # the MedMNIST v2 recipe: x0.1 at 50% and 75% of training
+            milestones = [int(epochs * 0.5), int(epochs * 0.75)]
+            self.timm, _ = create_scheduler_v2(optimizer, "multistep", decay_milestones=milestones, **kwargs)
+        elif name == "plateau":
+            self.timm, _ = create_scheduler_v2(optimizer, "plateau", decay_rate=0.5, patience_epochs=2, **kwargs)
+        elif warmup_epochs:  # "none": a constant rate, after the warm-up (multistep without milestones)
+            self.timm, _ = create_scheduler_v2(optimizer, "multistep", decay_milestones=[], **kwargs)
+
+    def after_step(self, updates: int) -> None:
+        if self.onecycle is not None:
+            self.onecycle.step()
+        elif self.timm is not None:
+            self.timm.step_update(updates)
+
+    def after_epoch(self, epoch: int, score: float) -> None:
+        if self.timm is not None:
+            self.timm.step(epoch, score)
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |w| over weight matrices and kernels (not biases or norm scales)."""
-    return sum(p.abs().sum() for n, p in model.named_parameters() if p.ndim > 1)
+    return sum(p.abs().sum() for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that the weights average to 1 over the samples."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double().clamp_min(1)
+    weights = len(labels) / (num_classes * counts)
+    return weights.float()
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None):
+    """Cross-entropy against class-probability targets (MixUp/CutMix, label smoothing), optionally weighted."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    per_class = -targets * log_probs
+    if weight is not None:
+        per_class = per_class * weight
+    return per_class.sum(dim=-1).mean()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, float]:
     """Softmax probabilities for every image of ``split`` and the mean cross-entropy loss."""
     model.eval()
+    device = next(model.parameters()).device
     probs, loss_sum = [], 0.0
     for start in range(0, len(split), batch_size):
-        logits = model(to_batch(split.images[start : start + batch_size]))
-        labels = split.labels[start : start + batch_size]
+        images = split.images[start : start + batch_size].to(device, non_blocking=True)
+        labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
+        with autocast(device.type):
+            logits = model(to_batch(images)).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        probs.append(logits.softmax(dim=1))
+        probs.append(logits.softmax(dim=1).cpu())
     return torch.cat(probs).numpy(), loss_sum / max(len(split), 1)
 
 
@@ -122,7 +226,7 @@ def evaluate(
     model: nn.Module, split: Split, class_names: list[str], prefix: str
 ) -> tuple[dict[str, float], np.ndarray]:
     probs, loss = predict(model, split)
-    metrics = classification_metrics(split.labels.numpy(), probs, class_names)
+    metrics = classification_metrics(split.labels.cpu().numpy(), probs, class_names)
     return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}, probs
 
 
@@ -134,6 +238,15 @@ def batch_indices(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+def epoch_order(labels: torch.Tensor, class_balance: str, generator: torch.Generator) -> torch.Tensor:
+    """This epoch's sample order: a permutation, or with ``oversample`` a class-balanced draw of as many samples."""
+    if class_balance != "oversample":
+        return torch.randperm(len(labels), generator=generator)
+    counts = torch.bincount(labels).double()
+    per_sample = 1.0 / counts[labels]
+    return torch.multinomial(per_sample, len(labels), replacement=True, generator=generator)
+
+
 @dataclass
 class StepStats:
     images: int
@@ -141,8 +254,33 @@ class StepStats:
     acc: float
 
 
+class Selection:
+    """The best weights seen on validation (raw or EMA), and whether patience has run out."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_score, self.best_epoch, self.best_source, self.state = -math.inf, -1, "raw", None
+        self.epochs_without_gain = 0
+
+    def update(self, epoch: int, scores: dict[str, float], state_of: Callable[[str], dict]) -> bool:
+        """Offer this epoch's candidates (source -> score); True if one beat every earlier epoch."""
+        improved = False
+        for source, score in scores.items():
+            if not math.isnan(score) and score > self.best_score:
+                self.best_score, self.best_epoch, self.best_source = score, epoch, source
+                self.state, improved = copy.deepcopy(state_of(source)), True
+        if self.state is None:  # every score NaN so far: keep the first epoch's raw weights
+            self.best_epoch, self.state = epoch, copy.deepcopy(state_of("raw"))
+        self.epochs_without_gain = 0 if improved else self.epochs_without_gain + 1
+        return improved
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.patience) and self.epochs_without_gain >= self.patience
+
+
 def train_steps(model: nn.Module, optimizer, batches: Iterable, l1: float = 0.0, batch_scheduler=None) -> StepStats:
-    """One optimisation step per (uint8 images, labels) batch; the hot loop every trainer shares."""
+    """Plain optimisation steps on (uint8 images, labels) batches: the hot loop, for benchmarks and probes."""
     model.train()
     seen, loss_sum, correct = 0, 0.0, 0
     for images, labels in batches:
@@ -165,68 +303,103 @@ def fit(
     train: Split,
     val: Split,
     class_names: list[str],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    l1: float = 0.0,
-    scheduler: str = "none",
-    patience: int = 0,
-    select_metric: str = "val_auc",
-    seed: int = 0,
+    options: FitOptions,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` in place; on return it holds the weights of the best epoch by ``select_metric``."""
+    """Train ``model`` in place; on return it holds the best weights by ``options.select_metric`` on validation."""
+    o, device, num_classes = options, options.device, len(class_names)
+    torch.manual_seed(o.seed)
+    np.random.seed(o.seed)  # timm's MixUp draws from numpy
+    model.to(device)
+    train = Split(train.images.to(device), train.labels.to(device))
+    val = Split(val.images.to(device), val.labels.to(device))
     with channels_last(model):
-        generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = len(batch_indices(torch.arange(len(train)), batch_size))
-        opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-        sched, per_batch = make_scheduler(scheduler, opt, epochs, steps_per_epoch)
-        result, best_state, epochs_without_gain = FitResult(), None, 0
+        order_generator = torch.Generator().manual_seed(o.seed)
+        augmenter = Augmenter(o.augment, torch.Generator(device=device).manual_seed(o.seed)) if o.augment else None
+        mixing = (
+            Mixup(
+                mixup_alpha=o.mixup,
+                cutmix_alpha=o.cutmix,
+                label_smoothing=o.label_smoothing,
+                num_classes=num_classes,
+            )
+            if o.mixup or o.cutmix
+            else None
+        )
+        weight = class_weights(train.labels, num_classes).to(device) if o.class_balance == "weighted_loss" else None
+        steps_per_epoch = len(batch_indices(torch.arange(len(train)), o.batch_size))
+        opt = make_optimizer(o.optimizer, model, o.lr, o.weight_decay, o.head_lr, o.head_parameters)
+        schedule = Schedule(o.scheduler, opt, o.epochs, steps_per_epoch, o.warmup_epochs)
+        ema = ModelEmaV3(model, decay=o.ema, use_warmup=True) if o.ema else None
+        selection, result, updates = Selection(o.patience), FitResult(), 0
 
-        epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+        epoch_bar = tqdm(range(1, o.epochs + 1), desc="epochs", unit="epoch", disable=not progress)
         for epoch in epoch_bar:
             started = time.perf_counter()
-            order = torch.randperm(len(train), generator=generator)
-            batches = batch_indices(order, batch_size)
-            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress)
-            train_stats = train_steps(
-                model, opt, ((train.images[i], train.labels[i]) for i in bar), l1, sched if per_batch else None
-            )
+            model.train()
+            batches = batch_indices(epoch_order(train.labels.cpu(), o.class_balance, order_generator), o.batch_size)
+            seen, loss_sum, correct = 0, 0.0, 0
+            for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
+                index = index.to(device)
+                images, labels = train.images[index], train.labels[index]
+                x = augmenter(images) if augmenter else to_input(images)
+                x = x.contiguous(memory_format=torch.channels_last)
+                if mixing is not None and len(x) % 2 == 0:  # timm's MixUp pairs the batch with its reverse
+                    x, targets = mixing(x, labels)
+                else:
+                    targets = nn.functional.one_hot(labels, num_classes).float()
+                    targets = targets * (1 - o.label_smoothing) + o.label_smoothing / num_classes
+                with autocast(device):
+                    logits = model(x)
+                loss = soft_cross_entropy(logits, targets, weight)
+                objective = loss + o.l1 * l1_penalty(model) if o.l1 > 0 else loss
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                if o.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+                opt.step()
+                updates += 1
+                schedule.after_step(updates)
+                if ema is not None:
+                    ema.update(model, step=updates)
+                seen += len(labels)
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
             train_seconds = time.perf_counter() - started
             result.train_time += train_seconds
-            result.images_seen += train_stats.images
+            result.images_seen += seen
 
             val_metrics, _ = evaluate(model, val, class_names, "val")
             metrics = {
-                "train_loss": train_stats.loss,
-                "train_acc": train_stats.acc,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
                 **val_metrics,
-                "lr": opt.param_groups[0]["lr"],
-                "epoch_time": time.perf_counter() - started,
-                "train_images_per_sec": train_stats.images / train_seconds,
+                "lr": opt.param_groups[-1]["lr"],
+                "train_images_per_sec": seen / train_seconds,
             }
-            score = metrics[select_metric]
-            if sched is not None and not per_batch:
-                sched.step(score) if scheduler == "plateau" else sched.step()
-
-            improved = not math.isnan(score) and score > result.best_score
-            if improved or best_state is None:
-                result.best_epoch, result.best_score = epoch, (score if improved else result.best_score)
-                best_state = copy.deepcopy(model.state_dict())
-                epochs_without_gain = 0
-            else:
-                epochs_without_gain += 1
+            scores = {"raw": metrics[o.select_metric]}
+            if ema is not None:
+                ema_metrics, _ = evaluate(ema.module, val, class_names, "val")
+                metrics.update(
+                    {f"ema_{k}": v for k, v in ema_metrics.items() if k in ("val_acc", "val_auc", "val_loss")}
+                )
+                scores["ema"] = ema_metrics[o.select_metric]
+            metrics["epoch_time"] = time.perf_counter() - started
+            schedule.after_epoch(epoch, scores["raw"])
+            selection.update(epoch, scores, lambda source: (ema.module if source == "ema" else model).state_dict())
+            result.best_epoch, result.best_score, result.best_weights = (
+                selection.best_epoch,
+                selection.best_score,
+                selection.best_source,
+            )
             epoch_result = EpochResult(epoch, metrics)
             result.history.append(epoch_result)
             epoch_bar.set_postfix(
                 loss=f"{metrics['train_loss']:.3f}",
                 val_acc=f"{metrics['val_acc']:.3f}",
                 val_auc=f"{metrics['val_auc']:.3f}",
-                best=result.best_epoch,
+                best=f"{selection.best_epoch}{'e' if selection.best_source == 'ema' else ''}",
             )
             if on_epoch_end is not None:
                 try:
@@ -234,9 +407,9 @@ def fit(
                 except StopTraining:
                     result.stopped_early = True
                     break
-            if patience and epochs_without_gain >= patience:
+            if selection.exhausted:
                 result.stopped_early = True
                 break
 
-        model.load_state_dict(best_state)
+        model.load_state_dict(selection.state)
         return result

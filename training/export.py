@@ -1,13 +1,15 @@
 """ONNX export of a logged MedZoo model, self-describing and parity-checked.
 
 The exported graph takes float32 pixels in [0, 1], shape [N, C, H, W] with a dynamic batch; normalisation
-is inside it. ``metadata_props`` carry everything a consumer needs (class names, size, channels, resize).
+is inside it. ``metadata_props`` carry the run's :class:`contract.ModelCard` (class names, size, channels,
+resize, scores). Parity is checked on the validation images the training run logged beside its model, so
+exporting needs no dataset file. A run holds at most one ONNX model: exporting it again reuses that one.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -18,7 +20,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from training.tracking import METADATA_KEY, MODEL_ARTIFACT
+from contract import METADATA_KEY, ModelCard
+from training.tracking import MODEL_ARTIFACT, PARITY_ARTIFACT
 
 ONNX_ARTIFACT = "onnx"
 PARITY_ATOL = 1e-4
@@ -26,12 +29,12 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
 
-class ParityError(RuntimeError):
-    """The ONNX graph does not reproduce the PyTorch model's outputs."""
-
-
 class ExportError(ValueError):
     """A run that cannot be exported (unknown, no model); the message says what exists."""
+
+
+class ParityError(ExportError):
+    """The ONNX graph does not reproduce the PyTorch model's outputs."""
 
 
 @dataclass
@@ -51,8 +54,8 @@ class ParityReport:
         )
 
 
-def load_logged_model(run_id: str) -> tuple[torch.nn.Module, dict]:
-    """The PyTorch model a training run logged, and its MedZoo metadata."""
+def load_logged_model(run_id: str) -> tuple[torch.nn.Module, ModelCard]:
+    """The PyTorch model a training run logged (a torch.export graph, traced in eval mode), and its model card."""
     client = mlflow.MlflowClient()
     try:
         client.get_run(run_id)
@@ -67,34 +70,29 @@ def load_logged_model(run_id: str) -> tuple[torch.nn.Module, dict]:
         ) from None
     metadata = (info.metadata or {}).get(METADATA_KEY)
     if not metadata:
-        raise ExportError(f"run {run_id}'s model has no MedZoo metadata; it was not logged by training.train.")
-    return mlflow.pytorch.load_model(uri), metadata
+        raise ExportError(f"run {run_id}'s model has no MedZoo model card; it was not logged by MedZoo's training.")
+    return mlflow.pytorch.load_model(uri), ModelCard.from_dict(metadata)
 
 
-def onnx_metadata(meta: dict, source_run: str, registered_model: str = "", model_version: str = "") -> dict:
-    pre = meta["preprocessing"]
-    return {
-        "dataset": meta["dataset"],
-        "task": meta["task"],
-        "architecture": meta["architecture"],
-        "class_names": json.dumps(meta["class_names"]),
-        "input_size": str(pre["input_size"]),
-        "in_chans": str(pre["in_chans"]),
-        "resize": pre.get("resize", "bilinear"),
-        "input_range": "float32 pixels in [0, 1], NCHW; mean/std normalisation is inside the graph",
-        "mean": json.dumps(pre["mean"]),
-        "std": json.dumps(pre["std"]),
-        "source_run": source_run,
-        "registered_model": registered_model,
-        "model_version": model_version,
-    }
+def parity_images(run_id: str) -> np.ndarray:
+    """The validation images the run logged with its model, as the model consumes them (float32 in [0, 1])."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PARITY_ARTIFACT)
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise ExportError(
+            f"run {run_id} has no {PARITY_ARTIFACT}: an older MedZoo logged it; train it again."
+        ) from None
+    return np.load(path).astype(np.float32) / 255.0
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, in_chans: int, metadata: dict[str, str]) -> onnx.ModelProto:
     """One self-contained ONNX graph (no external data) with a dynamic batch dimension."""
     example = torch.rand(2, in_chans, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # A logged model is a torch.export graph traced in eval mode, whose eval() raises; its training flag
+        # reads True regardless, and the exporter warns about that flag.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
             model,
@@ -102,6 +100,7 @@ def export_onnx(model: torch.nn.Module, input_size: int, in_chans: int, metadata
             str(path),
             dynamo=True,
             external_data=False,
+            verbose=False,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},),
@@ -132,17 +131,17 @@ def require_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: n
     return report
 
 
-def validation_images(meta: dict, data_dir: str | None, limit: int = 256) -> np.ndarray:
-    """Real validation images of the model's dataset at its input size, as the model consumes them."""
-    from training.data import load_dataset
-    from training.engine import to_input
+def logged_onnx_model(run_id: str):
+    """The ONNX model already logged to ``run_id``, if any."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[mlflow.get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{ONNX_ARTIFACT}'",
+        output_format="list",
+    )
+    return found[0] if found else None
 
-    pre = meta["preprocessing"]
-    val = load_dataset(meta["dataset"], data_dir or None, size=int(pre["input_size"])).val
-    return to_input(val.images[:limit]).numpy()
 
-
-def log_onnx_model(run_id: str, proto: onnx.ModelProto, meta: dict, example: np.ndarray):
+def log_onnx_model(run_id: str, proto: onnx.ModelProto, card: ModelCard, example: np.ndarray):
     """Log the ONNX model to the training run itself, beside the PyTorch model (the run is not reopened)."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {INPUT_NAME: example})[0]
@@ -154,7 +153,7 @@ def log_onnx_model(run_id: str, proto: onnx.ModelProto, meta: dict, example: np.
         signature=mlflow.models.infer_signature(example, logits),
         save_as_external_data=False,
         onnx_execution_providers=["CPUExecutionProvider"],
-        metadata={METADATA_KEY: meta},
+        metadata={METADATA_KEY: card.to_dict()},
         pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("onnx", "onnxruntime", "mlflow", "numpy")],
     )
 
@@ -164,55 +163,23 @@ class ExportResult:
     proto: onnx.ModelProto
     parity: ParityReport
     model_uri: str
-    meta: dict
+    card: ModelCard
 
 
-def export_run(
-    run_id: str, data_dir: str | None = None, registered_model: str = "", model_version: str = "", log: bool = True
-) -> ExportResult:
-    """Export a training run's model to ONNX, check parity on validation images, log it to the run."""
-    model, meta = load_logged_model(run_id)
-    pre = meta["preprocessing"]
-    proto = export_onnx(
-        model,
-        int(pre["input_size"]),
-        int(pre["in_chans"]),
-        onnx_metadata(meta, run_id, registered_model, model_version),
-    )
-    images = validation_images(meta, data_dir)
+def export_run(run_id: str, log: bool = True) -> ExportResult:
+    """Export a training run's model to ONNX, check parity on its logged validation images, log it to the run."""
+    model, card = load_logged_model(run_id)
+    pre = card.preprocessing
+    proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
+    images = parity_images(run_id)
     parity = require_parity(proto, model, images)
-    model_uri = log_onnx_model(run_id, proto, meta, images[:2]).model_uri if log else ""
-    return ExportResult(proto, parity, model_uri, meta)
+    model_uri = ""
+    if log:
+        existing = logged_onnx_model(run_id)
+        model_uri = existing.model_uri if existing else log_onnx_model(run_id, proto, card, images[:2]).model_uri
+    return ExportResult(proto, parity, model_uri, card)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from training.data import DatasetError
-
-    parser = argparse.ArgumentParser(
-        prog="python -m training.export", description="Export a training run's model to a parity-checked ONNX file."
-    )
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--output", default="", help="also write the .onnx file here (default: only log it)")
-    parser.add_argument("--data-dir", default="", help="dataset folder for the parity images")
-    args = parser.parse_args(argv)
-    try:
-        result = export_run(args.run_id, args.data_dir or None)
-    except (ExportError, ParityError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(result.proto, args.output)
-    print(
-        f"exported run {args.run_id}: {result.model_uri}"
-        + (f", file {args.output}" if args.output else "")
-        + f"; parity: {result.parity.describe()}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def write_onnx(proto: onnx.ModelProto, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, path)

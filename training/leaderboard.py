@@ -1,6 +1,7 @@
 """A zoo leaderboard: train chosen models on chosen datasets with one fixed budget, compare, plot.
 
     mlflow run . -e benchmark --env-manager local -P datasets=breastmnist,bloodmnist -P models=mlp,cnn,resnet18
+    python -m training.cli leaderboard --datasets breastmnist --models mlp,cnn --epochs 3
 
 Every training is a nested run of one parent run, which logs the leaderboard (Markdown and CSV) and a plot
 of test accuracy against training time per dataset, beside the MedMNIST v2 ResNet-18 (28 px) references.
@@ -8,10 +9,9 @@ of test accuracy against training time per dataset, beside the MedMNIST v2 ResNe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import sys
+from typing import Callable
 
 import matplotlib
 
@@ -20,10 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import zoo  # noqa: E402
 from training import tracking  # noqa: E402
 from training.config import ConfigError, TrainConfig  # noqa: E402
-from training.data import DatasetError  # noqa: E402
 from training.train import run_training  # noqa: E402
 
 # Test ACC of ResNet-18 (28) in MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
@@ -120,16 +118,13 @@ def accuracy_vs_time_figure(rows: list[dict]):
 
 
 def run_leaderboard(
-    models: list[str], datasets: list[str], base: TrainConfig, progress: bool = True
+    models: list[str], datasets: list[str], make_config: Callable[[str, str], TrainConfig], progress: bool = True
 ) -> tuple[str, list[dict]]:
+    """``make_config(model, dataset)`` gives each training's configuration (one recipe for all of them)."""
     if not models or not datasets:
         raise ConfigError("models and datasets must each name at least one entry.")
-    configs = []
-    for dataset in datasets:
-        for model in models:
-            values = base.to_dict()
-            values.update(model=model, dataset=dataset)
-            configs.append(TrainConfig(**values).validate())
+    configs = [make_config(model, dataset).validate() for dataset in datasets for model in models]
+    base = configs[0]
     with tracking.tracked_run(
         "leaderboard", {"leaderboard": "true", "models": ",".join(models), "datasets": ",".join(datasets)}
     ) as parent:
@@ -137,9 +132,7 @@ def run_leaderboard(
             {
                 "models": ",".join(models),
                 "datasets": ",".join(datasets),
-                "budget_epochs": base.epochs,
-                "max_train_samples": base.max_train_samples,
-                "size": base.size,
+                **{k: v for k, v in base.to_params().items() if k not in ("model", "dataset")},
             }
         )
         finished = []
@@ -151,35 +144,3 @@ def run_leaderboard(
         mlflow.log_text(to_csv(rows), "leaderboard.csv")
         tracking.log_figure(accuracy_vs_time_figure(rows), "plots/accuracy_vs_train_time.png")
         return parent.info.run_id, rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.leaderboard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="mlp,cnn,resnet18")
-    parser.add_argument("--datasets", default="breastmnist,bloodmnist")
-    parser.add_argument("--epochs", type=int, default=5, help="the budget: epochs per training")
-    parser.add_argument("--max-train-samples", type=int, default=0)
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--data-dir", default="")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    base = TrainConfig(
-        epochs=args.epochs, max_train_samples=args.max_train_samples, size=args.size, data_dir=args.data_dir
-    )
-    try:
-        _, rows = run_leaderboard(models, datasets, base, progress=not args.no_progress)
-    except (ConfigError, DatasetError, zoo.ZooError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        if mlflow.active_run() is None:
-            tracking.record_failure_before_start(str(err), "leaderboard")
-        return 2
-    print(to_markdown(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Register the best run of a dataset as an ONNX model version and gate the ``champion`` alias.
 
-    python -m training.register --dataset organamnist [--metric auc] [--force]
+    python -m training.cli register --dataset organamnist [--metric auc] [--force true]
     mlflow run . -e register --env-manager local -P dataset=organamnist
 
 Only validation metrics choose: the best finished run by ``best_val_<metric>`` (ties: fewer parameters, then
@@ -10,22 +10,17 @@ version becomes ``champion`` only if it beats the current champion on the same m
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from contract import CHAMPION_ALIAS, ModelCard, registered_model_name
 from training.config import SELECT_METRICS
 from training.data import DatasetError, check_dataset_name
-from training.export import ExportError, ParityError, export_run
+from training.export import export_run
 from training.tracking import MODEL_ARTIFACT
-
-CHAMPION = "champion"
 
 
 class RegistrationError(ValueError):
@@ -42,10 +37,6 @@ class RegistrationResult:
     promoted: bool
     created: bool
     message: str
-
-
-def registered_name(dataset: str) -> str:
-    return f"medzoo-{dataset}"
 
 
 def metric_key(metric: str) -> str:
@@ -84,9 +75,7 @@ def choose_best(runs: list[Run], key: str) -> Run:
     return max(scored, key=lambda r: (r.data.metrics[key], -r.data.metrics.get("n_params", 0), -r.info.start_time))
 
 
-def register_best(
-    dataset: str, metric: str = "auc", force: bool = False, data_dir: str | None = None
-) -> RegistrationResult:
+def register_best(dataset: str, metric: str = "auc", force: bool = False) -> RegistrationResult:
     try:
         check_dataset_name(dataset)
     except DatasetError as err:
@@ -100,17 +89,17 @@ def register_best(
             f"datasets with runs: {', '.join(trained) or 'none'}."
         )
     best = choose_best(runs, key)
-    return register_run(best, dataset, key, force, data_dir)
+    return register_run(best, dataset, key, force)
 
 
-def register_run(run: Run, dataset: str, key: str, force: bool, data_dir: str | None) -> RegistrationResult:
+def register_run(run: Run, dataset: str, key: str, force: bool) -> RegistrationResult:
     client = mlflow.MlflowClient()
-    name = registered_name(dataset)
+    name = registered_model_name(dataset)
     run_id, score = run.info.run_id, run.data.metrics[key]
     existing = _version_of_run(client, name, run_id)
     created = existing is None
     if created:
-        version = _register_new_version(client, name, run, data_dir)
+        version = _register_new_version(client, name, run)
     else:
         version = str(existing.version)
     promoted, why = _gate_champion(client, name, version, key, score, force)
@@ -134,55 +123,30 @@ def _version_of_run(client, name: str, run_id: str):
     return next((v for v in versions if v.tags.get("source_run") == run_id), None)
 
 
-def _register_new_version(client, name: str, run: Run, data_dir: str | None) -> str:
-    """Export and check first (no store change on failure), then log, register, describe."""
-    try:
-        client.get_registered_model(name)
-        versions = client.search_model_versions(f"name = '{name}'")
-        expected_version = str(max((int(v.version) for v in versions), default=0) + 1)
-    except MlflowException:
-        expected_version = "1"
-    result = export_run(run.info.run_id, data_dir, registered_model=name, model_version=expected_version)
-    meta = result.meta
-    tags = _version_tags(run, meta, result.parity.describe())
-    version = mlflow.register_model(result.model_uri, name, tags=tags).version
-    if str(version) != expected_version:
-        client.delete_model_version(name, version)
-        raise RegistrationError(f"another registration of {name} happened at the same time; run it again.")
-    client.update_model_version(name, version, description=_description(run, meta, result.parity.describe()))
+def _register_new_version(client, name: str, run: Run) -> str:
+    """Export and check first (no store change on failure), then register and describe."""
+    result = export_run(run.info.run_id)
+    # The run's metrics as they stand now (the card holds those of training time).
+    card, parity = result.card.with_run(run.info.run_id, run.data.metrics), result.parity.describe()
+    version = mlflow.register_model(result.model_uri, name, tags=card.registry_tags(parity)).version
+    client.update_model_version(name, version, description=_description(card, parity))
     return str(version)
 
 
-def _version_tags(run: Run, meta: dict, parity: str) -> dict[str, str]:
-    metrics = run.data.metrics
-    tags = {
-        "source_run": run.info.run_id,
-        "architecture": meta["architecture"],
-        "dataset": meta["dataset"],
-        "class_names": json.dumps(meta["class_names"]),
-        "preprocessing": json.dumps(meta["preprocessing"]),
-        "parity": parity,
-    }
-    for key in ("best_val_acc", "best_val_auc", "test_acc", "test_auc", "n_params"):
-        if key in metrics:
-            tags[key] = f"{metrics[key]:.6g}"
-    return tags
-
-
-def _description(run: Run, meta: dict, parity: str) -> str:
-    m, pre = run.data.metrics, meta["preprocessing"]
+def _description(card: ModelCard, parity: str) -> str:
+    m, pre = card.metrics, card.preprocessing
+    nan = float("nan")
     return "\n".join(
         [
-            f"**{meta['architecture']}** trained on **{meta['dataset']}** (run `{run.info.run_id}`).",
+            f"**{card.architecture}** trained on **{card.dataset}** (run `{card.source_run}`).",
             "",
-            f"- validation: ACC {m.get('best_val_acc', float('nan')):.4f}, "
-            f"AUC {m.get('best_val_auc', float('nan')):.4f}"
-            f" (selected on validation)",
-            f"- test: ACC {m.get('test_acc', float('nan')):.4f}, AUC {m.get('test_auc', float('nan')):.4f}"
+            f"- validation: ACC {m.get('best_val_acc', nan):.4f}, AUC {m.get('best_val_auc', nan):.4f}"
+            " (selected on validation)",
+            f"- test: ACC {m.get('test_acc', nan):.4f}, AUC {m.get('test_auc', nan):.4f}"
             " (evaluated once, after selection)",
-            f"- input: float32 [N, {pre['in_chans']}, {pre['input_size']}, {pre['input_size']}] pixels in [0, 1] "
-            f"({pre.get('resize', 'bilinear')} resize); mean {pre['mean']} / std {pre['std']} applied inside the graph",
-            f"- classes: {', '.join(meta['class_names'])}",
+            f"- input: float32 [N, {pre.in_chans}, {pre.input_size}, {pre.input_size}] pixels in [0, 1] "
+            f"({pre.resize} resize); mean {list(pre.mean)} / std {list(pre.std)} applied inside the graph",
+            f"- classes: {', '.join(card.class_names)}",
             f"- ONNX parity vs PyTorch: {parity}",
         ]
     )
@@ -190,57 +154,24 @@ def _description(run: Run, meta: dict, parity: str) -> str:
 
 def _gate_champion(client, name: str, version: str, key: str, score: float, force: bool) -> tuple[bool, str]:
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException:
         champion = None
     if champion is not None and str(champion.version) == str(version):
-        return False, f"it is already the {CHAMPION}."
+        return False, f"it is already the {CHAMPION_ALIAS}."
     if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return True, f"it is the first {CHAMPION}."
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        return True, f"it is the first {CHAMPION_ALIAS}."
     # The champion's score as recorded at its registration: its run may since be deleted.
     champion_score = float(champion.tags.get(key, "-inf"))
     if force or score > champion_score:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         reason = "forced" if force and score <= champion_score else "better"
         return (
             True,
-            f"it replaces {CHAMPION} v{champion.version} ({reason}: {key} {score:.4f} vs {champion_score:.4f}).",
+            f"it replaces {CHAMPION_ALIAS} v{champion.version} ({reason}: {key} {score:.4f} vs {champion_score:.4f}).",
         )
     return False, (
-        f"{CHAMPION} stays v{champion.version}: its {key} {champion_score:.4f} is not beaten by "
+        f"{CHAMPION_ALIAS} stays v{champion.version}: its {key} {champion_score:.4f} is not beaten by "
         f"{score:.4f} (use force to override)."
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--metric", default="auc", help="validation metric that chooses: auc or acc")
-    parser.add_argument("--force", default="false", help="true: make the chosen version champion regardless")
-    parser.add_argument("--data-dir", default="", help="dataset folder for the parity images")
-    args = parser.parse_args(argv)
-    force = args.force.lower() in ("true", "1", "yes")
-    try:
-        result = register_best(args.dataset, args.metric, force, args.data_dir or None)
-    except (RegistrationError, ExportError, ParityError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(result.message)
-    if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run -e register`
-        client = mlflow.MlflowClient()
-        for key, value in {
-            "registered_model": result.name,
-            "registered_version": result.version,
-            "source_run": result.run_id,
-            "champion_moved": str(result.promoted),
-            "outcome": result.message,
-        }.items():
-            client.set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

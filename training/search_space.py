@@ -11,7 +11,8 @@ import yaml
 import zoo
 from training.config import ConfigError, TrainConfig
 
-DEFAULT_SPACE_FILE = Path(__file__).resolve().parents[1] / "configs" / "search_spaces.yaml"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_SPACE_FILE = PROJECT_DIR / "configs" / "search_spaces.yaml"
 MODEL_PREFIX = "model."
 TUNABLE = tuple(
     n
@@ -39,7 +40,7 @@ class Dimension:
 
 def load_space(model: str, path: str | Path = DEFAULT_SPACE_FILE) -> list[Dimension]:
     """The dimensions for ``model``: common, then its family, then its own entries."""
-    path = Path(path)
+    path = resolve_space_file(path)
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -57,15 +58,21 @@ def load_space(model: str, path: str | Path = DEFAULT_SPACE_FILE) -> list[Dimens
     return [_dimension(path, name, spec, config) for name, spec in merged.items()]
 
 
+def resolve_space_file(path: str | Path) -> Path:
+    """A relative path is looked up here first, then in the project (where the shipped file lives)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (PROJECT_DIR / path).exists():
+        return path
+    return PROJECT_DIR / path
+
+
 def _dimension(path: Path, name: str, spec, config: zoo.ModelConfig) -> Dimension:
     where = f"{path}: {name}"
     if name.startswith(MODEL_PREFIX):
-        option = name[len(MODEL_PREFIX) :]
-        passthrough = config.name.startswith(zoo.registry.TIMM_PREFIX)  # any timm keyword goes
-        if not passthrough and option not in config.options:
-            raise ConfigError(
-                f"{where}: {config.name!r} has no option {option!r}; its options: {', '.join(config.options)}."
-            )
+        try:
+            zoo.check_options(config.name, [name[len(MODEL_PREFIX) :]])
+        except zoo.ZooError as err:
+            raise ConfigError(f"{where}: {err}") from None
     elif name not in TUNABLE:
         raise ConfigError(f"{where}: unknown parameter; tunable are {', '.join(TUNABLE)} and model.<option>.")
     if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):

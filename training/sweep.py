@@ -1,20 +1,23 @@
 """Hyperparameter sweeps with Optuna, one MLflow parent run per sweep and a nested run per trial.
 
     mlflow run . -e sweep --env-manager local -P model=cnn -P dataset=organamnist -P trials=20
-    python -m training.sweep --model cnn --dataset breastmnist --trials 10 --storage sqlite:///optuna.db
+    python -m training.cli sweep --model cnn --dataset breastmnist --trials 10 --storage sqlite:///optuna.db
 
 TPE samples the search space in ``configs/search_spaces.yaml``; a median pruner stops trials whose
-per-epoch validation metric trails the others. The study lives in ``--storage`` (SQLite by default, any
+per-epoch validation metric trails the others. The study lives in ``storage`` (SQLite by default, any
 SQLAlchemy URL such as PostgreSQL): running the same command again resumes it, and several workers started
-with the same command on several machines share it.
+with the same command share it. The study remembers its MLflow parent run: every later worker nests its
+trials under that first parent.
 """
 
 from __future__ import annotations
 
+import os
 import random
-import sys
 import time
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlflow
 import optuna
@@ -22,12 +25,17 @@ import optuna
 import zoo
 from training import tracking
 from training.config import ConfigError, TrainConfig
-from training.data import DatasetError, dataset_info
+from training.data import dataset_info
 from training.engine import EpochResult, StopTraining
-from training.search_space import DEFAULT_SPACE_FILE, apply, load_space
+from training.options import AUTO
+from training.search_space import apply, load_space
 from training.train import input_size_for, run_training
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
+if TYPE_CHECKING:
+    from training.cli import SweepOptions
+
+# The study's user attribute holding its MLflow parent run.
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 
 @dataclass
@@ -82,26 +90,18 @@ def check_buildable(config: TrainConfig) -> None:
         raise ConfigError(f"search space: {err}") from None
 
 
-def run_sweep(
-    base: TrainConfig,
-    trials: int,
-    space_file: str = str(DEFAULT_SPACE_FILE),
-    storage: str = DEFAULT_STORAGE,
-    study_name: str = "",
-    pruning: bool = True,
-    progress: bool = True,
-) -> SweepResult:
-    """Validate everything, then run ``trials`` more trials of the (possibly existing) study."""
-    if trials < 1:
-        raise ConfigError(f"trials={trials} must be >= 1.")
+def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True) -> SweepResult:
+    """Validate everything, then run ``options.trials`` more trials of the (possibly existing) study."""
+    if options.trials < 1:
+        raise ConfigError(f"trials={options.trials} must be >= 1.")
     base.validate()
-    dimensions = load_space(base.model, space_file)
+    dimensions = load_space(base.model, options.space_file)
     for dimension in dimensions:  # every listed value must give a valid configuration and model
         if dimension.kind == "categorical":
             for choice in dimension.choices:
                 check_buildable(apply(base, {dimension.name: choice}).validate())
-    study_name = study_name or f"{base.model}-{base.dataset}"
-    study = open_study(study_name, storage, pruning=pruning)
+    study_name = base.model + "-" + base.dataset if options.study_name == AUTO else options.study_name
+    study = open_study(study_name, options.storage, pruning=options.pruning)
 
     def objective(trial: optuna.Trial) -> float:
         config = apply(base, {d.name: d.suggest(trial) for d in dimensions})
@@ -125,21 +125,43 @@ def run_sweep(
         return outcome.fit.best_score
 
     tags = {"sweep": study_name, "model": base.model, "sweep_dataset": base.dataset}
-    with tracking.tracked_run(f"sweep-{study_name}", tags) as parent:
+    parent_id = _first_parent(study, study_name)
+    with tracking.tracked_run(f"sweep-{study_name}", tags, run_id=parent_id) as parent:
+        study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
         tracking.log_new_params(
             {
-                "trials": trials,
                 "study_name": study_name,
-                "storage": _redact(storage),
-                "space_file": space_file,
-                "pruning": pruning,
-                **{f"base_{k}": v for k, v in base.to_dict().items()},
+                "storage": _redact(options.storage),
+                "space_file": options.space_file,
+                "pruning": str(options.pruning).lower(),
+                **{f"base_{k}": v for k, v in base.to_params().items()},
             }
         )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
+        study.optimize(objective, n_trials=options.trials, show_progress_bar=progress, catch=())
         _log_study(study, base)
-        return SweepResult(parent.info.run_id, study, trials)
+        return SweepResult(parent.info.run_id, study, options.trials)
+
+
+def _first_parent(study: optuna.Study, study_name: str) -> str | None:
+    """The run the study's first worker opened as parent, if it still exists."""
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not parent_id or not _run_exists(parent_id):
+        return None
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    if project_run and project_run != parent_id:
+        # `mlflow run` made a run for this worker; it stays empty and points at the parent it continues.
+        client = mlflow.MlflowClient()
+        client.set_tag(project_run, "mlflow.runName", f"sweep-{study_name}-worker")
+        client.set_tag(project_run, "sweep_parent_run", parent_id)
+    return parent_id
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 def _redact(url: str) -> str:
@@ -158,7 +180,8 @@ def _log_study(study: optuna.Study, base: TrainConfig) -> None:
         return
     best = study.best_trial
     mlflow.log_metrics({f"best_{base.select_key}": best.value, "best_trial": best.number})
-    tracking.log_new_params({f"best_{k}": v for k, v in best.params.items()})
+    # Tags, not params: a resumed study may find a better trial, and params cannot change.
+    mlflow.set_tags({f"best_{k}": str(v) for k, v in best.params.items()})
     mlflow.set_tag("best_run_id", best.user_attrs.get("mlflow_run_id", ""))
     tracking.log_json(
         {
@@ -171,41 +194,18 @@ def _log_study(study: optuna.Study, base: TrainConfig) -> None:
     )
     from optuna.visualization import matplotlib as optuna_plots
 
-    tracking.log_figure(optuna_plots.plot_optimization_history(study).figure, "plots/optimization_history.png")
-    if len(completed) >= 2:
-        try:
-            tracking.log_figure(optuna_plots.plot_param_importances(study).figure, "plots/param_importances.png")
-        except (ValueError, RuntimeError) as err:  # e.g. every completed trial sampled the same values
-            mlflow.set_tag("param_importances", f"not computed: {err}")
+    with warnings.catch_warnings():
+        # Optuna marks its matplotlib plots experimental and says so on every call; nothing a user can act on.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        tracking.log_figure(optuna_plots.plot_optimization_history(study).figure, "plots/optimization_history.png")
+        if len(completed) >= 2:
+            try:
+                tracking.log_figure(optuna_plots.plot_param_importances(study).figure, "plots/param_importances.png")
+            except (ValueError, RuntimeError) as err:  # e.g. every completed trial sampled the same values
+                mlflow.set_tag("param_importances", f"not computed: {err}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from training.train import build_parser, config_from_args
-
-    parser = build_parser()
-    parser.prog = "python -m training.sweep"
-    parser.description = __doc__
-    parser.add_argument("--trials", type=int, default=20, help="trials this worker runs (added to the study)")
-    parser.add_argument("--space-file", default=str(DEFAULT_SPACE_FILE))
-    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage: SQLAlchemy URL")
-    parser.add_argument("--study-name", default="", help="default: <model>-<dataset>")
-    parser.add_argument("--pruning", default="true", help="true/false: median pruning on the validation metric")
-    args = parser.parse_args(argv)
-    try:
-        result = run_sweep(
-            config_from_args(args),
-            args.trials,
-            args.space_file,
-            args.storage,
-            args.study_name,
-            args.pruning.lower() in ("true", "1", "yes"),
-            progress=not args.no_progress,
-        )
-    except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        if mlflow.active_run() is None:
-            tracking.record_failure_before_start(str(err), f"sweep-{args.model}-{args.dataset}")
-        return 2
+def summary(result: SweepResult) -> str:
     study = result.study
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = (
@@ -213,9 +213,4 @@ def main(argv: list[str] | None = None) -> int:
         if done
         else "no trial completed"
     )
-    print(f"sweep {study.study_name}: {len(study.trials)} trials in the study; {best}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return f"sweep {study.study_name}: {len(study.trials)} trials in the study; {best}"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,19 +20,27 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 
+from contract import METADATA_KEY, ModelCard
 from training.data import ImageDataset
 
 MODEL_ARTIFACT = "model"
-METADATA_KEY = "medzoo"
+# Validation images (uint8) logged beside the model, so export checks ONNX parity without the dataset file.
+PARITY_ARTIFACT = "parity/images.npy"
+PARITY_IMAGES = 64
 ERROR_TAG = "medzoo.error"
+NOTES_TAG = "medzoo.notes"
 SYSTEM_METRICS_INTERVAL_S = 5
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str, tags: dict, nested: bool = False):
-    """``mlflow.start_run`` that ends FAILED on errors and KILLED on Ctrl-C (MLflow says FAILED for both)."""
+def tracked_run(run_name: str, tags: dict, nested: bool = False, run_id: str | None = None):
+    """``mlflow.start_run`` that ends FAILED on errors and KILLED on Ctrl-C (MLflow says FAILED for both).
+
+    ``run_id`` reopens an existing run (a resumed sweep's parent) instead of creating one.
+    """
     mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, log_system_metrics=True)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, log_system_metrics=True)
+    mlflow.set_tags(tags)
     # Under `mlflow run` the run already exists and start_run ignores run_name; set it explicitly.
     mlflow.set_tag("mlflow.runName", run_name)
     try:
@@ -53,13 +63,14 @@ def log_new_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
 
 
-def record_failure_before_start(message: str, run_name: str) -> None:
-    """A run that `mlflow run` created for us but that failed validation: name it and say why."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, ERROR_TAG, message[:5000])
-        client.set_tag(run_id, "mlflow.runName", run_name)
+def log_notes(notes: list[str], show: bool = True) -> None:
+    """What the run changed on its own (size raised, images resized): tagged, and said on the terminal."""
+    if not notes:
+        return
+    mlflow.set_tag(NOTES_TAG, "; ".join(notes))
+    if show:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
 
 
 def log_dataset(dataset: ImageDataset) -> None:
@@ -83,18 +94,23 @@ def log_figure(figure, path: str) -> None:
     plt.close(figure)
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor, metadata: dict):
-    """The trained model in MLflow's pt2 format: a traced graph with a dynamic batch dimension."""
+def log_model(model: torch.nn.Module, parity_images: torch.Tensor, card: ModelCard):
+    """The trained model in MLflow's pt2 format (a traced graph, dynamic batch) with its card and parity batch."""
     model.eval()
-    example_np = example.numpy().astype(np.float32)
+    example = parity_images[:2].float() / 255.0
+    example_np = example.numpy()
     with torch.no_grad():
         output = model(example).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(PARITY_ARTIFACT).name
+        np.save(path, parity_images.numpy())
+        mlflow.log_artifact(str(path), str(Path(PARITY_ARTIFACT).parent))
     return mlflow.pytorch.log_model(
         model,
         name=MODEL_ARTIFACT,
         input_example=example_np,
         signature=infer_signature(example_np, output),
-        metadata={METADATA_KEY: metadata},
+        metadata={METADATA_KEY: card.to_dict()},
         pip_requirements=_pip_requirements(),
     )
 

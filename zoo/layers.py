@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from zoo.registry import ZooError
+from zoo.errors import ZooError
 
 WEIGHT_INITS = ("default", "kaiming_uniform", "kaiming_normal", "xavier_uniform")
 POOLINGS = ("max", "avg")

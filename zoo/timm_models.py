@@ -2,40 +2,89 @@
 
 Pretrained weights come from the timm hub (needs internet) or from a local file:
 ``pretrained=/path/to/weights.safetensors``. Grayscale inputs reuse RGB weights (timm sums the stem).
+Normalisation comes from each architecture's own timm ``pretrained_cfg`` (ViTs use 0.5, most CNNs ImageNet's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import socket
 from pathlib import Path
 
 import timm
 from torch import nn
 
+from zoo.errors import TIMM_PREFIX, ZooError
 from zoo.layers import check_dropout
-from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, ZooError, register_model
+from zoo.registry import ModelConfig, register_model
+
+HUB_HOST = ("huggingface.co", 443)
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def pretrained_normalisation(timm_name: str) -> dict:
+    """``pretrained_mean`` / ``pretrained_std`` as the architecture's timm pretrained_cfg states them."""
+    cfg = timm.models.get_pretrained_cfg(timm_name, allow_unregistered=False)
+    if cfg is None:
+        return dict(pretrained_mean=None, pretrained_std=None)
+    return dict(pretrained_mean=tuple(float(m) for m in cfg.mean), pretrained_std=tuple(float(s) for s in cfg.std))
+
+
+def parse_pretrained(pretrained) -> bool | Path:
+    """``false``/``true`` (hub) or a weights file path, as given on the command line or in code."""
+    if isinstance(pretrained, bool):
+        return pretrained
+    text = str(pretrained).strip()
+    if text.lower() in ("", "false", "0", "no", "none"):
+        return False
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ZooError(f"pretrained={text!r}: no weights file there (expected a .safetensors or .pth file).")
+    return path
+
+
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(HUB_HOST, timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(needed: bool):
+    """Offline, the hub client retries for about a minute; in offline mode it answers from its cache at once."""
+    import huggingface_hub.constants as hub
+
+    offline = needed and not _hub_reachable()
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield offline
+    finally:
+        hub.HF_HUB_OFFLINE = previous
 
 
 def _load_timm(timm_name: str, in_chans: int, num_classes: int, pretrained, **kwargs) -> nn.Module:
-    if isinstance(pretrained, str) and pretrained.lower() in ("", "false", "0", "no"):
-        pretrained = False
-    if isinstance(pretrained, str) and pretrained.lower() in ("true", "1", "yes"):
-        pretrained = True
-    if isinstance(pretrained, str):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ZooError(f"pretrained={pretrained!r}: no weights file there (expected a .safetensors or .pth file).")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-        pretrained = True
-    try:
-        return timm.create_model(timm_name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kwargs)
-    except (OSError, ConnectionError, RuntimeError) as err:
-        if not pretrained:
-            raise
-        raise ZooError(
-            f"Could not load pretrained weights for timm model {timm_name!r} ({type(err).__name__}: {err}). "
-            "Without internet, download the weights elsewhere and pass pretrained=/path/to/weights.safetensors."
-        ) from err
+    source = parse_pretrained(pretrained)
+    if isinstance(source, Path):
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(source))
+    with _hub_offline_unless_reachable(source is True) as offline:
+        try:
+            return timm.create_model(
+                timm_name, pretrained=bool(source), in_chans=in_chans, num_classes=num_classes, **kwargs
+            )
+        except (OSError, ConnectionError, RuntimeError) as err:
+            if not source:
+                raise
+            where = f"the weights hub ({HUB_HOST[0]}) is not reachable and they are not cached" if offline else err
+            raise ZooError(
+                f"Could not load pretrained weights for timm model {timm_name!r}: {where}. "
+                "Without internet, download the weights elsewhere and pass pretrained=/path/to/weights.safetensors."
+            ) from err
 
 
 def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
@@ -45,11 +94,11 @@ def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
     return model
 
 
-_PRETRAINED = dict(pretrained_mean=IMAGENET_MEAN, pretrained_std=IMAGENET_STD)
-
-
 @register_model(
-    "timm", "ResNet-18 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED
+    "timm",
+    "ResNet-18 (timm); cifar_stem=True is the MedMNIST v2 28 px variant",
+    min_input_size=16,
+    **pretrained_normalisation("resnet18"),
 )
 def resnet18(in_chans, num_classes, input_size, dropout=0.0, pretrained=False, cifar_stem=False):
     model = _load_timm("resnet18", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
@@ -57,30 +106,43 @@ def resnet18(in_chans, num_classes, input_size, dropout=0.0, pretrained=False, c
 
 
 @register_model(
-    "timm", "ResNet-50 (timm); cifar_stem=True is the MedMNIST v2 28 px variant", min_input_size=16, **_PRETRAINED
+    "timm",
+    "ResNet-50 (timm); cifar_stem=True is the MedMNIST v2 28 px variant",
+    min_input_size=16,
+    **pretrained_normalisation("resnet50"),
 )
 def resnet50(in_chans, num_classes, input_size, dropout=0.0, pretrained=False, cifar_stem=False):
     model = _load_timm("resnet50", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
     return _cifar_stem(model, in_chans) if cifar_stem else model
 
 
-@register_model("timm", "MobileNetV2 1.0 (timm mobilenetv2_100)", min_input_size=16, **_PRETRAINED)
+@register_model(
+    "timm", "MobileNetV2 1.0 (timm mobilenetv2_100)", min_input_size=16, **pretrained_normalisation("mobilenetv2_100")
+)
 def mobilenetv2(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("mobilenetv2_100", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
 
-@register_model("timm", "MobileNetV3-Small 1.0 (timm mobilenetv3_small_100)", min_input_size=16, **_PRETRAINED)
+@register_model(
+    "timm",
+    "MobileNetV3-Small 1.0 (timm mobilenetv3_small_100)",
+    min_input_size=16,
+    **pretrained_normalisation("mobilenetv3_small_100"),
+)
 def mobilenetv3_small(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("mobilenetv3_small_100", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
 
-@register_model("timm", "EfficientNet-B0 (timm)", min_input_size=16, **_PRETRAINED)
+@register_model("timm", "EfficientNet-B0 (timm)", min_input_size=16, **pretrained_normalisation("efficientnet_b0"))
 def efficientnet_b0(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("efficientnet_b0", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
 
 
 @register_model(
-    "timm", "EfficientNet-Lite0 (timm); ImageNet weights ship in shared/data/weights", min_input_size=16, **_PRETRAINED
+    "timm",
+    "EfficientNet-Lite0 (timm); ImageNet weights ship in shared/data/weights",
+    min_input_size=16,
+    **pretrained_normalisation("efficientnet_lite0"),
 )
 def efficientnet_lite0(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("efficientnet_lite0", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
@@ -92,7 +154,7 @@ def efficientnet_lite0(in_chans, num_classes, input_size, dropout=0.0, pretraine
     "ConvNeXt-Atto, the smallest ConvNeXt (timm convnext_atto)",
     default_input_size=32,
     min_input_size=32,
-    **_PRETRAINED,
+    **pretrained_normalisation("convnext_atto"),
 )
 def convnext(in_chans, num_classes, input_size, dropout=0.0, pretrained=False):
     return _load_timm("convnext_atto", in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout))
@@ -102,25 +164,26 @@ def _check_timm_name(timm_name: str) -> None:
     available = timm.list_models()
     if timm_name not in available:
         close = difflib.get_close_matches(timm_name, available, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join('timm/' + c for c in close)}?" if close else ""
+        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
         raise ZooError(f"timm has no architecture {timm_name!r}.{hint} See timm.list_models().")
 
 
-def timm_passthrough_config(timm_name: str) -> ModelConfig:
+def passthrough_config(timm_name: str) -> ModelConfig:
     _check_timm_name(timm_name)
     return ModelConfig(
-        name=f"timm/{timm_name}",
+        name=f"{TIMM_PREFIX}{timm_name}",
         family="timm",
         description=f"timm architecture {timm_name}",
         default_input_size=32,
         min_input_size=32,
-        options=("any timm.create_model keyword",),
-        **_PRETRAINED,
+        options=("dropout", "pretrained"),
+        any_options=True,
+        **pretrained_normalisation(timm_name),
     )
 
 
-def create_timm_passthrough(timm_name: str, in_chans: int, num_classes: int, dropout=0.0, pretrained=False, **kwargs):
+def create_passthrough(timm_name: str, in_chans: int, num_classes: int, dropout=0.0, pretrained=False, **kwargs):
     try:
         return _load_timm(timm_name, in_chans, num_classes, pretrained, drop_rate=check_dropout(dropout), **kwargs)
     except TypeError as err:
-        raise ZooError(f"timm/{timm_name} rejected its options {sorted(kwargs)}: {err}") from err
+        raise ZooError(f"{TIMM_PREFIX}{timm_name} rejected its options {sorted(kwargs)}: {err}") from err

@@ -1,0 +1,28 @@
+"""What every stage agrees on about a trained model, in one torch-free package.
+
+Training writes a :class:`ModelCard` with the logged model, export copies it into the ONNX file's
+``metadata_props``, deploy adds the registry version, and the service reads it back. ``serving/`` may import
+this package (it needs neither torch nor the training code).
+"""
+
+from contract.model_card import (
+    CHAMPION_ALIAS,
+    METADATA_KEY,
+    REGISTERED_MODEL_PREFIX,
+    REGISTRY_METRICS,
+    ModelCard,
+    Preprocessing,
+    dataset_of_registered_model,
+    registered_model_name,
+)
+
+__all__ = [
+    "CHAMPION_ALIAS",
+    "METADATA_KEY",
+    "REGISTERED_MODEL_PREFIX",
+    "REGISTRY_METRICS",
+    "ModelCard",
+    "Preprocessing",
+    "dataset_of_registered_model",
+    "registered_model_name",
+]

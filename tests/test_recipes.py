@@ -1,0 +1,223 @@
+"""Issue 10's training features: augmentation, policies, EMA, freezing, class balance, TTA, recipes, device."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from tests.conftest import WEIGHTS_DIR
+from training import policy
+from training.augment import OPS, Augmenter, AugmentError
+from training.cli import main as cli_main
+from training.config import TrainConfig
+from training.data import Split
+from training.engine import FitOptions, class_weights, epoch_order, fit
+from training.recipes import config_from_recipe, load_recipes
+from training.train import run_training
+
+LITE0_WEIGHTS = WEIGHTS_DIR / "efficientnet_lite0_in1k_timm.safetensors"
+
+
+def random_images(n=16, channels=3, size=28, seed=0):
+    return torch.randint(
+        0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+# -- augmentation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_each_augmentation_keeps_shape_and_range_and_is_reproducible(op):
+    images = random_images()
+    out = Augmenter([op], torch.Generator().manual_seed(7))(images)
+    again = Augmenter([op], torch.Generator().manual_seed(7))(images)
+    other = Augmenter([op], torch.Generator().manual_seed(8))(images)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert torch.equal(out, again)
+    assert not torch.equal(out, other)  # a different seed draws differently
+    assert not torch.equal(out, images.float() / 255)  # it did something
+
+
+def test_translation_moves_each_image_by_at_most_two_pixels_and_independently():
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 14, 14] = 255
+    out = Augmenter(["translate"], torch.Generator().manual_seed(0))(images)
+    positions = [divmod(int(o.argmax()), 28) for o in out[:, 0]]
+    assert all(abs(r - 14) <= 2 and abs(c - 14) <= 2 for r, c in positions)
+    assert len(set(positions)) > 5  # per-sample draws, not one shift for the batch
+
+
+def test_policy_refuses_flips_where_orientation_is_anatomy():
+    assert not {"hflip", "vflip", "rot90"} & set(policy.resolve_augment("auto", "organamnist", 1))
+    assert {"hflip", "vflip", "rot90"} <= set(policy.resolve_augment("auto", "bloodmnist", 3))
+    with pytest.raises(AugmentError, match="hflip would change the label on organamnist"):
+        policy.resolve_augment("translate,hflip", "organamnist", 1)
+    with pytest.raises(AugmentError, match="unknown; allowed: none, auto, translate"):
+        policy.resolve_augment("translate,cutout", "bloodmnist", 3)
+    with pytest.raises(AugmentError, match="hflip would change the label"):
+        policy.resolve_tta("identity,hflip", "organcmnist")
+    assert policy.resolve_tta("auto", "organamnist")[0] == "identity"
+
+
+# -- engine pieces --------------------------------------------------------------------------------------------
+
+
+def tiny_split(n=64, classes=3, seed=0):
+    labels = torch.arange(n) % classes
+    images = random_images(n, 3, 28, seed)
+    images[:, 0] = (labels * 80)[:, None, None].to(torch.uint8)  # learnable: channel 0 encodes the class
+    return Split(images, labels)
+
+
+def test_class_weights_and_oversampling_balance_a_skewed_set():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    weights = class_weights(labels, 2)
+    assert weights.tolist() == pytest.approx([100 / 180, 100 / 20])
+    assert float(weights[labels].mean()) == pytest.approx(1.0)
+    order = epoch_order(labels, "oversample", torch.Generator().manual_seed(0))
+    assert len(order) == 100 and 0.35 < float((labels[order] == 1).float().mean()) < 0.65
+    assert sorted(epoch_order(labels, "none", torch.Generator().manual_seed(0)).tolist()) == list(range(100))
+
+
+def test_ema_weights_differ_from_the_raw_weights_after_training():
+    torch.manual_seed(0)
+    model = zoo.create_model("cnn", in_chans=3, num_classes=3, input_size=28, filters="8", hidden=16)
+    options = FitOptions(epochs=1, batch_size=16, lr=0.01, optimizer="sgd", ema=0.9)
+    result = fit(model, tiny_split(), tiny_split(seed=1), ["a", "b", "c"], options, progress=False)
+    metrics = result.history[0].metrics
+    assert "ema_val_loss" in metrics and metrics["ema_val_loss"] != metrics["val_loss"]
+
+
+@pytest.mark.parametrize("spec, moving", [("backbone", {"backbone.classifier"}), ("2", {"backbone.blocks.2"})])
+def test_frozen_parameters_do_not_move_while_the_head_does(spec, moving):
+    torch.manual_seed(0)
+    backbone = zoo.create_model("efficientnet_lite0", in_chans=3, num_classes=3, input_size=28)
+    frozen = set(zoo.freeze(backbone, spec))
+    model = zoo.NormalizedClassifier(backbone, (0.5,) * 3, (0.25,) * 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head = zoo.head_parameter_names(backbone, prefix="backbone.")
+    options = FitOptions(epochs=1, batch_size=16, lr=0.01, optimizer="adamw", head_lr=0.05, head_parameters=head)
+    fit(model, tiny_split(), tiny_split(seed=1), ["a", "b", "c"], options, progress=False)
+    after = dict(model.named_parameters())
+    for name in before:
+        changed = not torch.equal(before[name], after[name].detach())
+        if name.removeprefix("backbone.") in frozen:
+            assert not changed, name
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before if n.startswith(tuple(moving)))
+
+
+def test_freeze_beyond_the_stages_is_a_clear_error():
+    backbone = zoo.create_model("resnet18", in_chans=1, num_classes=3, input_size=28)
+    with pytest.raises(zoo.ZooError, match="has 4 stages"):
+        zoo.freeze(backbone, "9")
+
+
+def test_tta_in_the_onnx_graph_matches_pytorch():
+    from training.export import check_parity, export_onnx
+
+    torch.manual_seed(0)
+    for channels, dataset in ((3, "bloodmnist"), (1, "organamnist")):
+        base = zoo.create_model("resnet9", in_chans=channels, num_classes=4, input_size=28, width=4).eval()
+        model = zoo.TTAClassifier(base, policy.resolve_tta("auto", dataset)).eval()
+        proto = export_onnx(model, 28, channels, {"dataset": dataset})
+        images = np.random.default_rng(0).random((12, channels, 28, 28), dtype=np.float32)
+        report = check_parity(proto, model, images)
+        assert report.ok and report.max_abs_diff <= 1e-4, report.describe()
+        with torch.no_grad():  # the graph averages probabilities of the views, not one view's answer
+            single = base(torch.from_numpy(images)).softmax(-1)
+            averaged = model(torch.from_numpy(images)).exp()
+        assert torch.allclose(averaged.sum(-1), torch.ones(12), atol=1e-5)
+        assert not torch.allclose(single, averaged, atol=1e-4)
+
+
+# -- recipes and runs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_recipe_loads_and_runs_one_tiny_epoch(synthetic_env, mlflow_store):
+    recipes = load_recipes()
+    assert {"quick", "best", "medmnist-v2"} <= set(recipes)
+    for name in recipes:
+        config = config_from_recipe(name, dataset="bloodmnist", epochs=1, batch_size=32)
+        assert config.recipe == name and config.epochs == 1
+        outcome = run_training(config, progress=False)
+        run = mlflow.get_run(outcome.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["recipe"] == name
+        assert run.data.params["model"] == recipes[name].values["model"]
+    v2 = config_from_recipe("medmnist-v2", dataset="organamnist")
+    assert (v2.model, v2.model_kwargs, v2.optimizer, v2.lr, v2.batch_size, v2.epochs, v2.scheduler, v2.augment) == (
+        "resnet18",
+        {"cifar_stem": True},
+        "adam",
+        0.001,
+        128,
+        100,
+        "multistep",
+        "none",
+    )
+    assert config_from_recipe("quick", model="cnn").model_kwargs == {}  # the recipe's options were its model's
+
+
+@pytest.mark.slow
+def test_a_tta_run_exports_with_its_views_and_parity(synthetic_env, mlflow_store):
+    from training.export import export_run
+
+    config = config_from_recipe("quick", dataset="bloodmnist", epochs=1, batch_size=32, model_kwargs={"width": 4})
+    outcome = run_training(config, progress=False)
+    result = export_run(outcome.run_id)
+    props = {p.key: p.value for p in result.proto.metadata_props}
+    assert json.loads(props["tta"]) == list(policy.auto_tta("bloodmnist"))
+    assert result.parity.ok and result.parity.images == 48  # the synthetic val split, logged with the model
+    run = mlflow.get_run(outcome.run_id)
+    assert run.data.params["tta_views"] == "identity,hflip,vflip,rot180" and "augment_ops" in run.data.params
+    assert run.data.tags["selected_weights"] in ("raw", "ema")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LITE0_WEIGHTS.exists(), reason="no local efficientnet_lite0 weights")
+def test_partial_fine_tuning_from_the_local_imagenet_weights(synthetic_env, mlflow_store):
+    config = TrainConfig(
+        model="efficientnet_lite0",
+        dataset="bloodmnist",
+        pretrained=str(LITE0_WEIGHTS),
+        freeze="3",
+        head_lr=0.01,
+        epochs=1,
+        batch_size=32,
+    )
+    outcome = run_training(config, progress=False)
+    params = mlflow.get_run(outcome.run_id).data.params
+    assert params["freeze"] == "3" and params["mean"] == "0.485,0.456,0.406"  # timm pretrained_cfg
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--recipe", "fastest"], "recipe='fastest' is not one of: none, quick, best, medmnist-v2"),
+        (["--optimizer", "adagrad"], "optimizer='adagrad' is not one of: sgd, adam, adamw, nadamw, lamb, lion"),
+        (["--augment", "translate,cutout"], "cutout unknown; allowed: none, auto, translate"),
+        (["--class-balance", "smote"], "class_balance='smote' is not one of: none, weighted_loss, oversample"),
+        (["--freeze", "backbone"], "freeze='backbone' needs pretrained weights"),
+        (["--epochs", "ten"], "epochs='ten'"),
+    ],
+)
+def test_bad_training_input_names_the_value_and_creates_no_run(argv, message, synthetic_env, mlflow_store, capsys):
+    assert cli_main(["train", "--dataset", "bloodmnist", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert all_runs() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(synthetic_env, mlflow_store, capsys):
+    assert cli_main(["train", "--dataset", "bloodmnist", "--device", "cuda", "--epochs", "1"]) == 2
+    assert "device='cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
+    assert all_runs() == []

@@ -1,0 +1,412 @@
+"""The command line of every entry point, and the one place that turns errors into exit codes.
+
+    python -m training.cli train --model cnn --dataset breastmnist --epochs 5
+    python -m training.cli {train,sweep,leaderboard,pipeline,register,export,deploy} --help
+
+Each sub-command's flags are generated from dataclasses: :class:`training.config.TrainConfig` for everything
+that trains, and the small option sets below. Training flags start from a named recipe (``--recipe``, default
+``quick``): a flag given overrides the recipe's value, one not given takes it. MLproject's entry points call
+these sub-commands with the same parameter names and types (``tests/test_project_files.py`` keeps them equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from training.config import TrainConfig
+from training.options import AUTO, OptionError, help_of, option, parse_key_values, parser_for, to_text
+
+DEFAULT_RECIPE = "quick"
+MODEL_OPTION_FLAG = "--model."
+ALL = "all"
+FROM_RECIPE = "from the recipe"
+
+
+@dataclass
+class SweepOptions:
+    trials: int = option(20, "trials this worker runs (added to the study's count)")
+    space_file: str = option("configs/search_spaces.yaml", "YAML search space (relative: to here, else the project)")
+    storage: str = option("sqlite:///optuna.db", "Optuna storage as an SQLAlchemy URL")
+    study_name: str = option(AUTO, f"the study's name ({AUTO}: <model>-<dataset>)")
+    pruning: bool = option(True, "median pruning on the per-epoch validation metric")
+
+
+@dataclass
+class LeaderboardOptions:
+    models: list = option(["mlp", "cnn", "resnet18"], "comma-separated zoo models")
+    datasets: list = option(["breastmnist", "bloodmnist"], "comma-separated datasets")
+
+
+@dataclass
+class PipelineOptions:
+    models: list = option(["cnn", "mobilenetv2"], "comma-separated zoo models, each trained as a nested run")
+
+
+@dataclass
+class RegisterOptions:
+    dataset: str = option("organamnist", "dataset whose best finished run is registered")
+    metric: str = option("auc", "validation metric that chooses: auc or acc")
+    force: bool = option(False, "make the chosen version champion even if it does not beat the current one")
+
+
+@dataclass
+class ExportOptions:
+    run_id: str = option(help="the training run to export")
+    output: str = option(AUTO, f"also write the .onnx file here ({AUTO}: only log it to the run)")
+
+
+@dataclass
+class DeployOptions:
+    datasets: list = option([ALL], f"comma-separated datasets ({ALL}: every champion)")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], str]
+    # The option dataclasses whose fields become flags.
+    options: tuple[type, ...]
+    # The name of the run `mlflow run` creates for this entry point.
+    run_name: Callable[[argparse.Namespace], str]
+    # Training parameters this command takes (TrainConfig fields less these); None: it trains nothing.
+    training_excludes: tuple[str, ...] | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.training_excludes is not None
+
+
+def _flags(name: str) -> list[str]:
+    """``--batch-size``, and ``--batch_size`` as `mlflow run` writes parameters MLproject does not declare."""
+    dashed = f"--{name.replace('_', '-')}"
+    return [dashed] if "_" not in name else [dashed, f"--{name}"]
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if has_default else None)
+        group.add_argument(
+            *_flags(f.name),
+            dest=f.name,
+            default=to_text(default) if has_default else None,
+            required=not has_default,
+            help=help_of(cls, f.name).replace("%", "%%"),
+        )
+
+
+def add_training_fields(parser: argparse.ArgumentParser, exclude: tuple[str, ...]) -> None:
+    """TrainConfig's fields: the recipe's values unless given (recipes set no dataset, folder, seed or device)."""
+    from training.recipes import NOT_IN_RECIPES
+
+    group = parser.add_argument_group("training (every value not given comes from the recipe)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        default = None
+        if f.name in NOT_IN_RECIPES:
+            default = DEFAULT_RECIPE if f.name == "recipe" else to_text(f.default)
+        group.add_argument(
+            *_flags(f.name),
+            dest=f.name,
+            default=default,
+            metavar=f.name.upper(),
+            help=help_of(TrainConfig, f.name).replace("%", "%%"),
+        )
+
+
+def build(cls: type, args: argparse.Namespace, **values):
+    """An instance of ``cls`` from the parsed text flags; a value that does not parse names the flag."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            values[f.name] = _parse(cls, f.name, getattr(args, f.name))
+    return cls(**values)
+
+
+def build_training(args: argparse.Namespace, exclude: tuple[str, ...] = (), **values) -> TrainConfig:
+    """The recipe named by ``--recipe``, overridden by every training flag given."""
+    from training.recipes import config_from_recipe
+
+    for f in dataclasses.fields(TrainConfig):
+        text = getattr(args, f.name, None)
+        if f.name not in exclude and f.name != "recipe" and text is not None:
+            values[f.name] = _parse(TrainConfig, f.name, text)
+    if getattr(args, "model_options", None):
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **args.model_options}
+    return config_from_recipe(args.recipe, **values)
+
+
+def model_options(extra: list[str]) -> dict:
+    """``--model.filters 32,64 --model.kernel_size=5`` -> model options. One flag per option, so that `mlflow run`
+    (``-P model.filters=32,64``) logs each as a plain value where a spaced ``model_kwargs`` string gets shell-quoted.
+    """
+    options, items = {}, list(extra)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith(MODEL_OPTION_FLAG) or len(flag) == len(MODEL_OPTION_FLAG):
+            raise OptionError(f"unrecognized argument {flag!r}; model options are passed as --model.<option> VALUE.")
+        name, sep, value = flag[len(MODEL_OPTION_FLAG) :].partition("=")
+        if not sep:
+            if not items:
+                raise OptionError(f"{flag} needs a value.")
+            value = items.pop(0)
+        options.update(parse_key_values(f"{name}={shlex.quote(value)}"))
+    return options
+
+
+def _parse(cls, name: str, text: str):
+    try:
+        return parser_for(cls, name)(text)
+    except (OptionError, ValueError) as err:
+        raise OptionError(f"{name}={text!r}: {err}") from None
+
+
+# -- the sub-commands -----------------------------------------------------------------------------------------
+
+
+def _progress(args) -> bool:
+    return not args.no_progress
+
+
+def train(args) -> str:
+    from training.train import run_training
+
+    outcome = run_training(build_training(args), progress=_progress(args))
+    test = outcome.test_metrics
+    return (
+        f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
+        f"val acc {outcome.val_metrics['best_val_acc']:.4f}, test acc {test['test_acc']:.4f}, "
+        f"test auc {test['test_auc']:.4f}, {outcome.fit.images_per_second:.0f} images/s"
+    )
+
+
+def sweep(args) -> str:
+    from training.sweep import run_sweep, summary
+
+    options = build(SweepOptions, args)
+    result = run_sweep(build_training(args), options, progress=_progress(args))
+    return summary(result)
+
+
+def leaderboard(args) -> str:
+    from training.leaderboard import run_leaderboard, to_markdown
+
+    options = build(LeaderboardOptions, args)
+
+    def make_config(model: str, dataset: str) -> TrainConfig:
+        return build_training(args, exclude=("model", "dataset"), model=model, dataset=dataset)
+
+    _, rows = run_leaderboard(options.models, options.datasets, make_config, progress=_progress(args))
+    return to_markdown(rows)
+
+
+def pipeline(args) -> str:
+    from training.pipeline import run_pipeline
+
+    options = build(PipelineOptions, args)
+    return run_pipeline(options.models, lambda model: build_training(args, exclude=("model",), model=model))
+
+
+def register(args) -> str:
+    from training.register import register_best
+
+    options = build(RegisterOptions, args)
+    result = register_best(options.dataset, options.metric, options.force)
+    _tag_project_run(
+        registered_model=result.name,
+        registered_version=result.version,
+        source_run=result.run_id,
+        champion_moved=str(result.promoted).lower(),
+        outcome=result.message,
+    )
+    return result.message
+
+
+def export(args) -> str:
+    from training.export import export_run, write_onnx
+
+    options = build(ExportOptions, args)
+    result = export_run(options.run_id)
+    output = "" if options.output == AUTO else options.output
+    if output:
+        write_onnx(result.proto, output)
+    _tag_project_run(source_run=options.run_id, onnx_model=result.model_uri)
+    return (
+        f"exported run {options.run_id}: {result.model_uri}"
+        + (f", file {output}" if output else "")
+        + f"; parity: {result.parity.describe()}"
+    )
+
+
+def deploy(args) -> str:
+    from serving.deploy import bentoml_home, deploy
+
+    options = build(DeployOptions, args)
+    lines = deploy(None if options.datasets == [ALL] else options.datasets)
+    _tag_project_run(deployed="; ".join(lines))
+    return "\n".join(lines + [f"serve with: bentoml serve serving.service:MedZoo (BentoML home: {bentoml_home()})"])
+
+
+COMMANDS = {
+    c.name: c
+    for c in (
+        Command(
+            "train",
+            "train one model on one dataset as one MLflow run",
+            train,
+            (),
+            run_name=lambda a: f"{a.model or 'recipe'}-{a.dataset or TrainConfig.dataset_default()}",
+            training_excludes=(),
+        ),
+        Command(
+            "sweep",
+            "Optuna hyperparameter sweep, a nested run per trial",
+            sweep,
+            (SweepOptions,),
+            run_name=lambda a: f"sweep-{a.model or 'recipe'}-{a.dataset or TrainConfig.dataset_default()}",
+            training_excludes=(),
+        ),
+        Command(
+            "leaderboard",
+            "train several models on several datasets with one recipe and compare",
+            leaderboard,
+            (LeaderboardOptions,),
+            run_name=lambda a: "leaderboard",
+            training_excludes=("model", "dataset"),
+        ),
+        Command(
+            "pipeline",
+            "train several models on one dataset, then register the best",
+            pipeline,
+            (PipelineOptions,),
+            run_name=lambda a: f"main-{a.dataset or TrainConfig.dataset_default()}",
+            training_excludes=("model",),
+        ),
+        Command(
+            "register",
+            "register a dataset's best run as a parity-checked ONNX model version",
+            register,
+            (RegisterOptions,),
+            run_name=lambda a: f"register-{a.dataset}",
+        ),
+        Command(
+            "export",
+            "export a run's model to a parity-checked ONNX file, logged to that run",
+            export,
+            (ExportOptions,),
+            run_name=lambda a: f"export-{a.run_id}",
+        ),
+        Command(
+            "deploy",
+            "import the registry champions into the BentoML model store",
+            deploy,
+            (DeployOptions,),
+            run_name=lambda a: "deploy",
+        ),
+    )
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        sub = commands.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            formatter_class=ArgumentDefaultsFormatter,
+            allow_abbrev=False,  # --model.<option> flags must not be read as an abbreviation of --model
+        )
+        if command.trains:
+            add_training_fields(sub, command.training_excludes)
+        for cls in command.options:
+            add_fields(sub, cls)
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+EMPTY = '""'
+
+
+class ArgumentDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, empty ones too."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+            return action.help
+        if action.default is None:
+            return f"{action.help} (default: {FROM_RECIPE})"
+        return f"{action.help} (default: {action.default or EMPTY})"
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors the project raises about its input (bad values, missing files, nothing to register, ...)."""
+    return isinstance(err, ValueError) and type(err).__module__.split(".")[0] in ("training", "zoo", "serving")
+
+
+def _project_run_id() -> str | None:
+    """The run `mlflow run` created for this entry point, when that is how we were started."""
+    return os.environ.get("MLFLOW_RUN_ID")
+
+
+def _tag_project_run(**tags: str) -> None:
+    import mlflow
+
+    run_id = _project_run_id()
+    if run_id and mlflow.active_run() is None:
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value)[:5000])
+
+
+def _record_failure(message: str, run_name: str) -> None:
+    """A run `mlflow run` created for us that failed before training took it over: name it and say why."""
+    import mlflow
+
+    run_id = _project_run_id()
+    if run_id and mlflow.active_run() is None:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "medzoo.error", message[:5000])
+        client.set_tag(run_id, "mlflow.runName", run_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    command = COMMANDS[args.command]
+    try:
+        args.model_options = model_options(extra) if command.trains else {}
+        if extra and not command.trains:
+            raise OptionError(f"unrecognized arguments: {' '.join(extra)}")
+    except OptionError as err:
+        parser.error(str(err))
+    run_name = command.run_name(args)
+    if not command.trains:
+        _tag_project_run(**{"mlflow.runName": run_name})
+    try:
+        print(command.run(args))
+    except KeyboardInterrupt:
+        print("interrupted: the run was marked KILLED", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        _record_failure(str(err), run_name)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
