@@ -206,7 +206,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     return per_class.sum(dim=-1).mean()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, float]:
     """Softmax probabilities for every image of ``split`` and the mean cross-entropy loss."""
     model.eval()

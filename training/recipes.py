@@ -67,6 +67,8 @@ def config_from_recipe(recipe: str, **given) -> TrainConfig:
     values = recipes[recipe].values_for(given.get("dataset", TrainConfig.dataset_default()))
     if "model" in given and given["model"] != values.get("model"):
         values.pop("model_kwargs", None)  # they belong to the recipe's own model
+    elif "model_kwargs" in given:  # options given for the recipe's model refine its options
+        given = {**given, "model_kwargs": {**values.get("model_kwargs", {}), **given["model_kwargs"]}}
     return TrainConfig(**{**values, **given, "recipe": recipe})
 
 
