@@ -57,7 +57,7 @@ def test_mlflow_run_train_leaves_a_complete_run(synthetic_env, mlflow_store):
         "best_epoch",
     ):
         assert key in metrics, key
-    assert 0.5 < metrics["test_acc"] <= 1.0 and metrics["n_params"] > 1000
+    assert 0.3 < metrics["test_acc"] <= 1.0 and metrics["n_params"] > 1000  # 8 classes: chance is 0.125
 
     artifacts = {a.path for folder in ("", "plots", "reports") for a in client.list_artifacts(run_id, folder)}
     assert {
