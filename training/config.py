@@ -6,7 +6,7 @@ derived from or checked against these fields.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import zoo
 from training import policy
@@ -138,9 +138,6 @@ class TrainConfig:
     def to_params(self) -> dict[str, str]:
         """Every parameter as text, exactly as the command line and MLproject spell it."""
         return as_params(self)
-
-    def with_values(self, **values) -> "TrainConfig":
-        return replace(self, **values)
 
     @classmethod
     def dataset_default(cls) -> str:

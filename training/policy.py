@@ -8,8 +8,7 @@ rotation is valid; digits must not be flipped.
 from __future__ import annotations
 
 from training.augment import OPS, AugmentError, check_ops
-
-AUTO, NONE = "auto", "none"
+from training.options import AUTO, NONE
 
 ORIENTATION_FREE = ("bloodmnist", "pathmnist", "dermamnist", "retinamnist", "tissuemnist")
 NO_FLIPS = ("organamnist", "organcmnist", "organsmnist", "pneumoniamnist", "chestmnist", "mnist")

@@ -63,14 +63,13 @@ def log_new_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
 
 
-def log_notes(notes: list[str], show: bool = True) -> None:
+def log_notes(notes: list[str]) -> None:
     """What the run changed on its own (size raised, images resized): tagged, and said on the terminal."""
     if not notes:
         return
     mlflow.set_tag(NOTES_TAG, "; ".join(notes))
-    if show:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def log_dataset(dataset: ImageDataset) -> None:

@@ -146,7 +146,7 @@ def run_training(
             }
         )
         tracking.log_dataset(dataset)
-        tracking.log_notes(notes + dataset.notes, progress)
+        tracking.log_notes(notes + dataset.notes)
 
         def log_epoch(result: EpochResult) -> None:
             mlflow.log_metrics(result.metrics, step=result.epoch)
