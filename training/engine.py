@@ -34,7 +34,9 @@ FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle", "multistep", "plateau")
 CLASS_BALANCES = ("none", "weighted_loss", "oversample")
 DEVICES = ("auto", "cpu", "cuda")
-EVAL_BATCH_SIZE = 512
+# Images per evaluation forward pass. On CPUs a small batch stays in cache: ResNet-9 (width 16) with 5-view TTA
+# ran 0.25 ms per image-view at 160 images per pass against 0.70 at 2560 (contiguous layout). GPUs want big ones.
+EVAL_IMAGES_PER_FORWARD = {"cpu": 160, "cuda": 4096}
 
 
 class DeviceError(ValueError):
@@ -109,14 +111,22 @@ def to_batch(images: torch.Tensor) -> torch.Tensor:
     return to_input(images).contiguous(memory_format=torch.channels_last)
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    kernels = (p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)
+    kernel = next(kernels, None)
+    return kernel is not None and kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
+
+
 @contextlib.contextmanager
 def channels_last(model: nn.Module):
-    """Train and evaluate in channels-last layout, hand the model back in the default layout."""
+    """Train and evaluate in channels-last layout; hand the model back in the layout it came in."""
+    was_channels_last = _is_channels_last(model)
     model.to(memory_format=torch.channels_last)
     try:
         yield model
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        if not was_channels_last:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def autocast(device: str):
@@ -206,20 +216,23 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     return per_class.sum(dim=-1).mean()
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, float]:
+def predict(model: nn.Module, split: Split, batch_size: int | None = None) -> tuple[np.ndarray, float]:
     """Softmax probabilities for every image of ``split`` and the mean cross-entropy loss."""
     model.eval()
     device = next(model.parameters()).device
-    probs, loss_sum = [], 0.0
-    for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size].to(device, non_blocking=True)
-        labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
-        with autocast(device.type):
-            logits = model(to_batch(images)).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        probs.append(logits.softmax(dim=1).cpu())
-    return torch.cat(probs).numpy(), loss_sum / max(len(split), 1)
+    views = len(getattr(model, "views", ())) or 1  # a TTAClassifier forwards each image once per view
+    batch_size = batch_size or max(1, EVAL_IMAGES_PER_FORWARD.get(device.type, 512) // views)
+    probs, loss_sum = [], torch.zeros((), device=device)
+    # The layout changes outside inference mode: weights converted inside it could not be trained or loaded again.
+    with channels_last(model), torch.inference_mode():
+        for start in range(0, len(split), batch_size):
+            images = split.images[start : start + batch_size].to(device, non_blocking=True)
+            labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
+            with autocast(device.type):
+                logits = model(to_batch(images)).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            probs.append(logits.softmax(dim=1))
+    return torch.cat(probs).cpu().numpy(), loss_sum.item() / max(len(split), 1)
 
 
 def evaluate(
@@ -339,7 +352,8 @@ def fit(
             started = time.perf_counter()
             model.train()
             batches = batch_indices(epoch_order(train.labels.cpu(), o.class_balance, order_generator), o.batch_size)
-            seen, loss_sum, correct = 0, 0.0, 0
+            # Sums stay on the device: a .item() per step would make every step wait for the GPU.
+            seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), device=device)
             for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
                 index = index.to(device)
                 images, labels = train.images[index], train.labels[index]
@@ -364,8 +378,9 @@ def fit(
                 if ema is not None:
                     ema.update(model, step=updates)
                 seen += len(labels)
-                loss_sum += loss.item() * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+            loss_sum, correct = loss_sum.item(), correct.item()
             train_seconds = time.perf_counter() - started
             result.train_time += train_seconds
             result.images_seen += seen

@@ -29,6 +29,14 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+class GlobalMaxPool(nn.Module):
+    """[N, C, H, W] -> [N, C]. ``amax`` exports as ONNX ReduceMax with every torch exporter; AdaptiveMaxPool2d
+    has no ONNX translation in torch 2.11's exporter."""
+
+    def forward(self, x):
+        return x.amax(dim=(-2, -1))
+
+
 class ResNet9(nn.Module):
     def __init__(self, in_chans: int, num_classes: int, width: int, dropout: float):
         super().__init__()
@@ -43,8 +51,7 @@ class ResNet9(nn.Module):
             conv_bn(4 * w, 8 * w),
             nn.MaxPool2d(2),
             Residual(8 * w),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
+            GlobalMaxPool(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8 * w, num_classes))
 
