@@ -118,3 +118,20 @@ def test_the_shipped_search_space_loads_for_every_model_it_names():
     for model in ["mlp", "cnn", "alexnet", "resnet18", "mobilenetv2", *document["models"]]:
         dimensions = load_space(model, DEFAULT_SPACE_FILE)
         assert {"lr", "batch_size", "weight_decay", "optimizer"} <= {d.name for d in dimensions}, model
+
+
+def test_every_recipe_search_variant_is_a_valid_training_config():
+    from training.config import parse_model_kwargs
+    from training.recipes import config_from_recipe
+
+    plan = yaml.safe_load((ROOT / "benchmarks" / "recipe_search.yaml").read_text())
+    resolved = set()
+    for dataset, spec in plan.items():
+        for name, values in spec["variants"].items():
+            values = dict(values or {})
+            if "model_kwargs" in values:
+                values["model_kwargs"] = parse_model_kwargs(values["model_kwargs"])
+            config = config_from_recipe(spec["base"], dataset=dataset, **values).validate()
+            params = tuple(sorted(config.to_params().items()))
+            assert params not in resolved, f"{dataset}: variant {name!r} repeats another variant"
+            resolved.add(params)
