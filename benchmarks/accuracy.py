@@ -191,8 +191,11 @@ def main() -> None:
             with RESULTS_FILE.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             write_results()
-        print(f"    {recipe} {dataset} seed {seed}: test acc {row['test_acc']:.4f}, auc {row['test_auc']:.4f}, "
-              f"{row['process_time']:.0f} s", flush=True)
+        print(
+            f"    {recipe} {dataset} seed {seed}: test acc {row['test_acc']:.4f}, auc {row['test_auc']:.4f}, "
+            f"{row['process_time']:.0f} s",
+            flush=True,
+        )
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(one, todo))

@@ -19,7 +19,6 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 
 import yaml
 from common import ROOT, real_data_dir, write_section
@@ -71,8 +70,14 @@ def run_case(case: dict, data_dir: str, device: str) -> dict:
     dataset = load_dataset(config.dataset, config.data_path, seed=config.seed)
     model, _ = build_model(config, dataset)
     device = resolve_device(config.device)
-    result = fit(model, dataset.train, dataset.val, dataset.class_names, fit_options(config, dataset, model, device),
-                 progress=False)
+    result = fit(
+        model,
+        dataset.train,
+        dataset.val,
+        dataset.class_names,
+        fit_options(config, dataset, model, device),
+        progress=False,
+    )
     views = policy.resolve_tta(config.tta, config.dataset)
     final = (zoo.TTAClassifier(model, views) if views else model).to(device)
     metrics, _ = evaluate(final, dataset.val, dataset.class_names, "val")
@@ -98,7 +103,10 @@ def finished() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dataset | base | variant | values | seeds | val ACC (TTA) | val AUC (TTA) |", "|---|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| dataset | base | variant | values | seeds | val ACC (TTA) | val AUC (TTA) |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     order = [(c["dataset"], c["variant"]) for c in cases(None)]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

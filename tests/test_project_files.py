@@ -22,6 +22,7 @@ ENTRY_POINTS = {
     "register": "register",
     "export": "export",
     "deploy": "deploy",
+    "classical": "classical",
 }
 
 

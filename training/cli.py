@@ -246,6 +246,17 @@ def export(args) -> str:
     )
 
 
+def classical(args) -> str:
+    from training.classical import ClassicalConfig, run_classical
+
+    outcome = run_classical(build(ClassicalConfig, args))
+    return (
+        f"run {outcome.run_id}: {outcome.best_params}, val acc {outcome.val_metrics['best_val_acc']:.4f}, "
+        f"test acc {outcome.test_metrics['test_acc']:.4f}, test auc {outcome.test_metrics['test_auc']:.4f}; "
+        f"ONNX parity: max |probability difference| {outcome.parity_max_diff:.1e}"
+    )
+
+
 def deploy(args) -> str:
     from serving.deploy import bentoml_home, deploy
 
@@ -253,6 +264,12 @@ def deploy(args) -> str:
     lines = deploy(None if options.datasets == [ALL] else options.datasets)
     _tag_project_run(deployed="; ".join(lines))
     return "\n".join(lines + [f"serve with: bentoml serve serving.service:MedZoo (BentoML home: {bentoml_home()})"])
+
+
+def _classical_config() -> type:
+    from training.classical import ClassicalConfig
+
+    return ClassicalConfig
 
 
 COMMANDS = {
@@ -303,6 +320,13 @@ COMMANDS = {
             export,
             (ExportOptions,),
             run_name=lambda a: f"export-{a.run_id}",
+        ),
+        Command(
+            "classical",
+            "a scikit-learn estimator (svm, rf, dt, knn, logreg) on a run's CNN features or on the pixels",
+            classical,
+            (_classical_config(),),
+            run_name=lambda a: f"{a.model}-{a.dataset}",
         ),
         Command(
             "deploy",

@@ -4,6 +4,9 @@ The exported graph takes float32 pixels in [0, 1], shape [N, C, H, W] with a dyn
 is inside it. ``metadata_props`` carry the run's :class:`contract.ModelCard` (class names, size, channels,
 resize, scores). Parity is checked on the validation images the training run logged beside its model, so
 exporting needs no dataset file. A run holds at most one ONNX model: exporting it again reuses that one.
+
+A run whose model has no PyTorch form (a classical estimator on features, an ensemble) logs it as one ONNX graph
+from the start, with the Python path's probabilities on the parity images; exporting it checks against those.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from training.tracking import MODEL_ARTIFACT, PARITY_ARTIFACT
 
 ONNX_ARTIFACT = "onnx"
 PARITY_ATOL = 1e-4
+# The Python path's class probabilities on the parity images, logged by runs whose model is an ONNX graph.
+REFERENCE_ARTIFACT = "parity/reference_probabilities.npy"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 
@@ -42,6 +47,7 @@ class ParityReport:
     images: int
     max_abs_diff: float
     argmax_mismatches: int
+    quantity: str = "logit"  # what was compared: network logits, or the probabilities of a composed graph
 
     @property
     def ok(self) -> bool:
@@ -49,13 +55,13 @@ class ParityReport:
 
     def describe(self) -> str:
         return (
-            f"max |logit difference| {self.max_abs_diff:.2e} (allowed {PARITY_ATOL:.0e}), "
+            f"max |{self.quantity} difference| {self.max_abs_diff:.2e} (allowed {PARITY_ATOL:.0e}), "
             f"{self.argmax_mismatches} of {self.images} images with a different predicted class"
         )
 
 
-def load_logged_model(run_id: str) -> tuple[torch.nn.Module, ModelCard]:
-    """The PyTorch model a training run logged (a torch.export graph, traced in eval mode), and its model card."""
+def logged_model_info(run_id: str):
+    """The MLflow model info of the run's ``model`` and its model card."""
     client = mlflow.MlflowClient()
     try:
         client.get_run(run_id)
@@ -71,7 +77,20 @@ def load_logged_model(run_id: str) -> tuple[torch.nn.Module, ModelCard]:
     metadata = (info.metadata or {}).get(METADATA_KEY)
     if not metadata:
         raise ExportError(f"run {run_id}'s model has no MedZoo model card; it was not logged by MedZoo's training.")
-    return mlflow.pytorch.load_model(uri), ModelCard.from_dict(metadata)
+    return info, ModelCard.from_dict(metadata)
+
+
+def is_graph_model(info) -> bool:
+    """Logged as an ONNX graph already (classical estimators, ensembles) rather than as a PyTorch network."""
+    return "onnx" in info.flavors
+
+
+def load_logged_model(run_id: str) -> tuple[torch.nn.Module, ModelCard]:
+    """The PyTorch model a training run logged (a torch.export graph, traced in eval mode), and its model card."""
+    info, card = logged_model_info(run_id)
+    if is_graph_model(info):
+        raise ExportError(f"run {run_id}'s model ({card.architecture}) is an ONNX graph, not a PyTorch network.")
+    return mlflow.pytorch.load_model(info.model_uri), card
 
 
 def parity_images(run_id: str) -> np.ndarray:
@@ -85,7 +104,9 @@ def parity_images(run_id: str) -> np.ndarray:
     return np.load(path).astype(np.float32) / 255.0
 
 
-def export_onnx(model: torch.nn.Module, input_size: int, in_chans: int, metadata: dict[str, str]) -> onnx.ModelProto:
+def export_onnx(
+    model: torch.nn.Module, input_size: int, in_chans: int, metadata: dict[str, str], output_name: str = OUTPUT_NAME
+) -> onnx.ModelProto:
     """One self-contained ONNX graph (no external data) with a dynamic batch dimension."""
     example = torch.rand(2, in_chans, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -102,7 +123,7 @@ def export_onnx(model: torch.nn.Module, input_size: int, in_chans: int, metadata
             external_data=False,
             verbose=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             dynamic_shapes=({0: batch},),
         )
         proto = onnx.load(str(path))
@@ -125,10 +146,7 @@ def check_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: np.
 
 
 def require_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: np.ndarray) -> ParityReport:
-    report = check_parity(proto, reference, images)
-    if not report.ok:
-        raise ParityError(f"ONNX parity check failed on {report.images} validation images: {report.describe()}.")
-    return report
+    return _require(check_parity(proto, reference, images))
 
 
 def logged_onnx_model(run_id: str):
@@ -167,17 +185,80 @@ class ExportResult:
 
 
 def export_run(run_id: str, log: bool = True) -> ExportResult:
-    """Export a training run's model to ONNX, check parity on its logged validation images, log it to the run."""
-    model, card = load_logged_model(run_id)
+    """Export a run's model to ONNX, check parity on its logged validation images, log it to the run."""
+    info, card = logged_model_info(run_id)
+    images = parity_images(run_id)
+    if is_graph_model(info):
+        proto = mlflow.onnx.load_model(info.model_uri)
+        parity = _require(check_recorded_parity(proto, images, _reference_probabilities(run_id)))
+        return ExportResult(proto, parity, info.model_uri, card)
+    model = mlflow.pytorch.load_model(info.model_uri)
     pre = card.preprocessing
     proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
-    images = parity_images(run_id)
     parity = require_parity(proto, model, images)
     model_uri = ""
     if log:
         existing = logged_onnx_model(run_id)
         model_uri = existing.model_uri if existing else log_onnx_model(run_id, proto, card, images[:2]).model_uri
     return ExportResult(proto, parity, model_uri, card)
+
+
+def onnx_probabilities(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    return torch.from_numpy(logits).softmax(dim=1).numpy()
+
+
+def check_recorded_parity(proto: onnx.ModelProto, images: np.ndarray, reference: np.ndarray) -> ParityReport:
+    """onnxruntime probabilities against the Python path's on ``images`` (float32 in [0, 1])."""
+    probabilities = onnx_probabilities(proto, images)
+    return ParityReport(
+        images=len(images),
+        max_abs_diff=float(np.abs(probabilities - reference).max()),
+        argmax_mismatches=int((probabilities.argmax(1) != reference.argmax(1)).sum()),
+        quantity="probability",
+    )
+
+
+def _require(report: ParityReport) -> ParityReport:
+    if not report.ok:
+        raise ParityError(f"ONNX parity check failed on {report.images} validation images: {report.describe()}.")
+    return report
+
+
+def _reference_probabilities(run_id: str) -> np.ndarray:
+    try:
+        return np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT))
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise ExportError(f"run {run_id} has no {REFERENCE_ARTIFACT} to check its ONNX graph against.") from None
+
+
+def log_graph_model(
+    proto: onnx.ModelProto, card: ModelCard, images: torch.Tensor, reference: np.ndarray
+) -> ParityReport:
+    """Log an ONNX graph as the active run's model, after checking it against the Python path's probabilities.
+
+    ``images`` are the uint8 parity images; nothing is logged when parity fails.
+    """
+    pixels = images.numpy().astype(np.float32) / 255.0
+    parity = _require(check_recorded_parity(proto, pixels, reference))
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact, array in ((PARITY_ARTIFACT, images.numpy()), (REFERENCE_ARTIFACT, reference)):
+            path = Path(tmp) / Path(artifact).name
+            np.save(path, array)
+            mlflow.log_artifact(str(path), str(Path(artifact).parent))
+    example = pixels[:2]
+    mlflow.onnx.log_model(
+        proto,
+        name=MODEL_ARTIFACT,
+        input_example=example,
+        signature=mlflow.models.infer_signature(example, np.log(onnx_probabilities(proto, example))),
+        save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        metadata={METADATA_KEY: card.to_dict()},
+        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("onnx", "onnxruntime", "mlflow", "numpy")],
+    )
+    return parity
 
 
 def write_onnx(proto: onnx.ModelProto, path: str) -> None:

@@ -84,3 +84,45 @@ def mistakes_figure(
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+MAX_SCATTER_POINTS = 4000
+
+
+def _scatter_by_class(ax, plane: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int = 0):
+    keep = np.random.default_rng(seed).permutation(len(plane))[:MAX_SCATTER_POINTS]
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for k, name in enumerate(class_names):
+        points = plane[keep][labels[keep] == k]
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6, color=colours(k), label=name)
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+
+
+def pca_scatter_figure(plane: np.ndarray, labels: np.ndarray, class_names: list[str], explained, title: str):
+    """Features projected on their first two principal components, one colour per class."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    _scatter_by_class(ax, plane, labels, class_names)
+    ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of the variance)")
+    ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of the variance)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def decision_regions_figure(estimator, plane: np.ndarray, labels: np.ndarray, class_names: list[str], title: str):
+    """The class an estimator fitted on the 2-D plane predicts everywhere on it, with the points on top."""
+    low, high = plane.min(axis=0), plane.max(axis=0)
+    margin = 0.05 * (high - low)
+    xs, ys = np.meshgrid(*(np.linspace(lo - m, hi + m, 300) for lo, hi, m in zip(low, high, margin)))
+    regions = estimator.predict(np.c_[xs.ravel(), ys.ravel()]).reshape(xs.shape)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    ax.contourf(
+        xs, ys, regions, levels=np.arange(len(class_names) + 1) - 0.5, cmap=cmap, alpha=0.25, vmin=0, vmax=cmap.N - 1
+    )
+    _scatter_by_class(ax, plane, labels, class_names)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
