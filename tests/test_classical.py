@@ -150,3 +150,85 @@ def test_bad_classical_input_names_the_value_and_creates_no_run(argv, message, r
     assert cli_main(["classical", "--dataset", DATASET, *argv]) == 2
     assert message in capsys.readouterr().err
     assert len(mlflow.search_runs(search_all_experiments=True)) == before
+
+
+# --- ensembles ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ensemble(runs):
+    from training.ensemble import EnsembleConfig, run_ensemble
+
+    return run_ensemble(EnsembleConfig(runs=[runs["cnn"], runs["svm"].run_id, runs["rf"].run_id]))
+
+
+def member_probabilities(run_ids: list[str], split: str) -> list[np.ndarray]:
+    from training.export import onnx_probabilities
+
+    images = to_input(load_dataset(DATASET).split(split).images).numpy()
+    return [onnx_probabilities(export_run(r).proto, images) for r in run_ids]
+
+
+def test_ensemble_weights_are_chosen_on_validation_alone(runs, ensemble):
+    from training.ensemble import validation_weights
+
+    run = mlflow.get_run(ensemble.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "ensemble"
+    members = [runs["cnn"], runs["svm"].run_id, runs["rf"].run_id]
+    labels = load_dataset(DATASET).val.labels.numpy()
+    expected = validation_weights(member_probabilities(members, "val"), labels)
+    assert ensemble.weights == pytest.approx(expected, abs=1e-6) and sum(ensemble.weights) == pytest.approx(1)
+    assert run.data.params["chosen_weights"] == ",".join(f"{w:.4f}" for w in expected)
+    for key in ("best_val_acc", "best_val_auc", "test_acc", "test_auc", "member0_val_acc", "member2_test_acc"):
+        assert 0 <= run.data.metrics[key] <= 1, key
+    assert "plots/members.png" in artifacts(ensemble.run_id, "plots")
+
+
+def test_the_ensemble_graph_averages_its_members_like_the_python_path(runs, ensemble):
+    result = export_run(ensemble.run_id)
+    assert result.parity.ok and result.parity.quantity == "probability"
+    members = [runs["cnn"], runs["svm"].run_id, runs["rf"].run_id]
+    expected = sum(w * p for w, p in zip(ensemble.weights, member_probabilities(members, "test")))
+    pixels = to_input(load_dataset(DATASET).test.images).numpy()
+    logits = ort.InferenceSession(result.proto.SerializeToString()).run(None, {"pixels": pixels})[0]
+    assert np.abs(np.exp(logits) - expected).max() <= 1e-4
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+    assert mlflow.get_run(ensemble.run_id).data.metrics["test_acc"] == pytest.approx(
+        float((expected.argmax(1) == load_dataset(DATASET).test.labels.numpy()).mean())
+    )
+
+
+def test_register_takes_the_ensemble_when_it_is_best_on_validation(runs, ensemble):
+    client = mlflow.MlflowClient()
+    for run_id in (runs["cnn"], runs["svm"].run_id, runs["rf"].run_id):  # known validation scores
+        client.log_metric(run_id, "best_val_auc", 0.9)
+    client.log_metric(ensemble.run_id, "best_val_auc", 0.99)
+    # force: the champion's recorded score (from its own registration) is not what this test controls
+    result = register_best(DATASET, "auc", force=True)
+    assert result.run_id == ensemble.run_id and result.created and result.promoted, result.message
+    champion = mlflow.MlflowClient().get_model_version_by_alias(f"medzoo-{DATASET}", "champion")
+    assert champion.tags["source_run"] == ensemble.run_id
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--runs", "CNN"], "give two or more different run ids"),
+        (["--runs", "CNN,0123456789abcdef"], "runs: run_id='0123456789abcdef' does not exist"),
+        (["--runs", "CNN,SVM", "--weights", "0.5,0.25,0.25"], "gives 3 weights for 2 runs"),
+        (["--runs", "CNN,SVM", "--weights", "0.5,0.6"], "must be >= 0 and sum to 1 (they sum to 1.1)"),
+        (["--runs", "CNN,BLOOD"], "runs of different datasets cannot be combined"),
+    ],
+)
+def test_bad_ensemble_input_names_the_value_and_creates_no_run(argv, message, runs, blood_run, capsys):
+    names = {"CNN": runs["cnn"], "SVM": runs["svm"].run_id, "BLOOD": blood_run}
+    argv = [",".join(names.get(part, part) for part in a.split(",")) for a in argv]
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    assert cli_main(["ensemble", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+
+
+@pytest.fixture(scope="module")
+def blood_run(runs):
+    return run_training(shrunk(dataset="bloodmnist", epochs=1, tta="none"), progress=False).run_id

@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "export": "export",
     "deploy": "deploy",
     "classical": "classical",
+    "ensemble": "ensemble",
 }
 
 

@@ -257,6 +257,19 @@ def classical(args) -> str:
     )
 
 
+def ensemble(args) -> str:
+    from training.ensemble import EnsembleConfig, run_ensemble
+
+    outcome = run_ensemble(build(EnsembleConfig, args))
+    weights = ", ".join(f"{w:.3f}" for w in outcome.weights)
+    members = ", ".join(f"{v:.4f}" for v in outcome.member_val_acc)
+    return (
+        f"run {outcome.run_id}: weights {weights}; val acc {outcome.val_metrics['best_val_acc']:.4f} "
+        f"(members {members}), test acc {outcome.test_metrics['test_acc']:.4f}, "
+        f"test auc {outcome.test_metrics['test_auc']:.4f}"
+    )
+
+
 def deploy(args) -> str:
     from serving.deploy import bentoml_home, deploy
 
@@ -270,6 +283,12 @@ def _classical_config() -> type:
     from training.classical import ClassicalConfig
 
     return ClassicalConfig
+
+
+def _ensemble_config() -> type:
+    from training.ensemble import EnsembleConfig
+
+    return EnsembleConfig
 
 
 COMMANDS = {
@@ -327,6 +346,13 @@ COMMANDS = {
             classical,
             (_classical_config(),),
             run_name=lambda a: f"{a.model}-{a.dataset}",
+        ),
+        Command(
+            "ensemble",
+            "weighted average of the class probabilities of finished runs of one dataset",
+            ensemble,
+            (_ensemble_config(),),
+            run_name=lambda a: "ensemble",
         ),
         Command(
             "deploy",

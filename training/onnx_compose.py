@@ -1,4 +1,4 @@
-"""One ONNX graph from parts: a network's feature extractor feeding a scikit-learn estimator.
+"""One ONNX graph from parts: a feature extractor feeding a scikit-learn estimator, or several models averaged.
 
 The result keeps the contract of every exported MedZoo model: input ``pixels`` (float32 [N, C, H, W] in [0, 1],
 dynamic batch), output ``logits`` whose softmax is the class probabilities. A classifier that gives
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
-from training.export import OUTPUT_NAME
+from training.export import INPUT_NAME, OUTPUT_NAME
 
 FEATURES = "features"
 ML_DOMAIN = "ai.onnx.ml"
@@ -72,3 +72,56 @@ def chain(extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dic
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """What ``chain``'s graph computes from the probabilities, in NumPy (the Python path of parity checks)."""
     return np.log(np.maximum(probabilities, PROBABILITY_FLOOR)).astype(np.float32)
+
+
+def average(members: list[onnx.ModelProto], weights: list[float], metadata: dict[str, str]) -> onnx.ModelProto:
+    """One graph that feeds ``pixels`` to every member and outputs log(sum_i w_i softmax(member_i(pixels)))."""
+    opsets: dict[str, int] = {}
+    for member in members:
+        for entry in member.opset_import:
+            opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    nodes, initializers, fused = [], [], []
+    for i, member in enumerate(members):
+        if opset_of(member) != opsets[""]:
+            member = onnx.version_converter.convert_version(member, opsets[""])
+        prefix = f"member{i}/"
+        member = onnx.compose.add_prefix(member, prefix)
+        pixels, logits = member.graph.input[0].name, member.graph.output[0].name
+        for node in member.graph.node:
+            node.input[:] = [INPUT_NAME if name == pixels else name for name in node.input]
+        nodes.extend(member.graph.node)
+        initializers.extend(member.graph.initializer)
+        initializers.append(helper.make_tensor(f"{prefix}weight", TensorProto.FLOAT, [], [float(weights[i])]))
+        nodes.extend(
+            [
+                helper.make_node("Softmax", [logits], [f"{prefix}probabilities"], axis=1),
+                helper.make_node("Mul", [f"{prefix}probabilities", f"{prefix}weight"], [f"{prefix}weighted"]),
+            ]
+        )
+        fused.append(f"{prefix}weighted")
+    initializers.append(helper.make_tensor("probability_floor", TensorProto.FLOAT, [], [PROBABILITY_FLOOR]))
+    nodes.extend(
+        [
+            helper.make_node("Sum", fused, ["probabilities"]),
+            helper.make_node("Max", ["probabilities", "probability_floor"], ["floored_probabilities"]),
+            helper.make_node("Log", ["floored_probabilities"], [OUTPUT_NAME]),
+        ]
+    )
+    first = members[0].graph
+    n_classes = first.output[0].type.tensor_type.shape.dim[1].dim_value
+    graph = helper.make_graph(
+        nodes,
+        "medzoo_ensemble",
+        [first.input[0]],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid(domain, version) for domain, version in opsets.items()],
+        producer_name="medzoo",
+    )
+    model.ir_version = max(m.ir_version for m in members)
+    onnx.helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model, full_check=True)
+    return model

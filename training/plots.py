@@ -126,3 +126,22 @@ def decision_regions_figure(estimator, plane: np.ndarray, labels: np.ndarray, cl
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def members_figure(names: list[str], weights, member_acc: dict, ensemble_acc: dict, title: str):
+    """Validation and test accuracy of each member beside the ensemble's, with the members' weights."""
+    labels = [f"{name}\nweight {w:.2f}" for name, w in zip(names, weights)] + ["ensemble"]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    for offset, split in ((-0.2, "val"), (0.2, "test")):
+        values = list(member_acc[split]) + [ensemble_acc[split]]
+        bars = ax.bar(x + offset, values, 0.4, label=split)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    low = min(min(member_acc["val"]), min(member_acc["test"]))
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

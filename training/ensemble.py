@@ -1,0 +1,182 @@
+"""Weighted ensembles of finished runs of one dataset: networks, classical estimators, several seeds.
+
+    python -m training.cli ensemble --runs <id>,<id>,<id> [--weights auto|0.3,0.7]
+    mlflow run . -e ensemble --env-manager local -P runs=<id>,<id> -P weights=0.3,0.7
+
+The class probabilities of the members are averaged with the weights. ``auto`` picks the weights that minimise
+the log-loss on the validation split (the test split is read once, after). Every member is scored through its
+parity-checked ONNX graph, and the ensemble is logged as one ONNX graph feeding the pixels to all of them, so
+register / deploy / the service take it like any model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from scipy.optimize import minimize
+
+from contract import ModelCard, Preprocessing
+from training import onnx_compose, plots, tracking
+from training.data import load_dataset
+from training.engine import to_input
+from training.export import export_run, log_graph_model, logged_model_info, onnx_probabilities
+from training.metrics import classification_metrics, confusion
+from training.options import AUTO, OptionError, option
+
+
+class EnsembleError(OptionError):
+    """Runs that cannot be combined, or weights that do not fit them; the message names the value."""
+
+
+@dataclass
+class EnsembleConfig:
+    runs: list = option(help="comma-separated ids of finished runs of one dataset (two or more)")
+    weights: str = option(AUTO, f"{AUTO} (minimise the validation log-loss) or one weight per run, summing to 1")
+    data_dir: str = option(AUTO, "folder with the dataset files (auto: $MEDZOO_DATA_DIR, else ~/.medmnist)")
+
+
+@dataclass
+class Member:
+    run_id: str
+    card: ModelCard
+
+
+@dataclass
+class EnsembleOutcome:
+    run_id: str
+    weights: list[float]
+    member_val_acc: list[float]
+    member_test_acc: list[float]
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+
+
+def parse_weights(text: str, count: int) -> list[float] | None:
+    if text == AUTO:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise EnsembleError(f"weights={text!r}: {AUTO} or comma-separated numbers.") from None
+    if len(weights) != count:
+        raise EnsembleError(f"weights={text!r} gives {len(weights)} weights for {count} runs.")
+    if min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
+        raise EnsembleError(f"weights={text!r} must be >= 0 and sum to 1 (they sum to {sum(weights):g}).")
+    return weights
+
+
+def members_of(run_ids: list[str]) -> list[Member]:
+    """The runs' model cards, checked to be one dataset with one input contract."""
+    if len(run_ids) < 2 or len(set(run_ids)) != len(run_ids):
+        raise EnsembleError(f"runs={','.join(run_ids)!r}: give two or more different run ids.")
+    members = []
+    for run_id in run_ids:
+        try:
+            _, card = logged_model_info(run_id)
+        except ValueError as err:
+            raise EnsembleError(f"runs: {err}") from None
+        members.append(Member(run_id, card))
+    datasets = {m.card.dataset for m in members}
+    if len(datasets) > 1:
+        found = ", ".join(f"{m.run_id}: {m.card.dataset}" for m in members)
+        raise EnsembleError(f"runs of different datasets cannot be combined ({found}).")
+    inputs = {(m.card.preprocessing.input_size, m.card.preprocessing.in_chans) for m in members}
+    if len(inputs) > 1:
+        raise EnsembleError(f"the runs take different inputs (size, channels): {sorted(inputs)}; one graph needs one.")
+    return members
+
+
+def fuse(probabilities: list[np.ndarray], weights) -> np.ndarray:
+    return sum(w * p for w, p in zip(weights, probabilities))
+
+
+def validation_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> list[float]:
+    """Weights on the simplex minimising the log-loss of the fused validation probabilities."""
+
+    def log_loss(logits: np.ndarray) -> float:
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        fused = fuse(probabilities, weights)[np.arange(len(labels)), labels]
+        return float(-np.log(np.maximum(fused, onnx_compose.PROBABILITY_FLOOR)).mean())
+
+    found = minimize(log_loss, np.zeros(len(probabilities)), method="Nelder-Mead", options={"xatol": 1e-4})
+    weights = np.exp(found.x - found.x.max())
+    return [float(w) for w in weights / weights.sum()]
+
+
+def run_ensemble(config: EnsembleConfig) -> EnsembleOutcome:
+    members = members_of([str(r) for r in config.runs])
+    given = parse_weights(config.weights, len(members))
+    dataset_name = members[0].card.dataset
+    tags = {"model": "ensemble", "dataset": dataset_name, "kind": "ensemble", "members": ",".join(config.runs)}
+    with tracking.tracked_run(f"ensemble-{dataset_name}", tags) as run:
+        started = time.perf_counter()
+        pre = members[0].card.preprocessing
+        dataset = load_dataset(dataset_name, None if config.data_dir == AUTO else config.data_dir, size=pre.input_size)
+        graphs = [export_run(m.run_id).proto for m in members]  # each parity-checked against its Python path
+        scores = {
+            split: [onnx_probabilities(g, to_input(dataset.split(split).images).numpy()) for g in graphs]
+            for split in ("val", "test")
+        }
+        labels = {split: dataset.split(split).labels.numpy() for split in ("val", "test")}
+        weights = given or validation_weights(scores["val"], labels["val"])
+        mlflow.log_params(
+            {
+                "runs": ",".join(config.runs),
+                "weights": config.weights,
+                "chosen_weights": ",".join(f"{w:.4f}" for w in weights),
+                "members": ",".join(m.card.architecture for m in members),
+            }
+        )
+        names = dataset.class_names
+        # The weights are fixed; the test split is scored once.
+        fused = {split: fuse(scores[split], weights) for split in ("val", "test")}
+        val_metrics = {
+            f"best_val_{k}": v for k, v in classification_metrics(labels["val"], fused["val"], names).items()
+        }
+        test_metrics = {f"test_{k}": v for k, v in classification_metrics(labels["test"], fused["test"], names).items()}
+        member_acc = {
+            split: [float((p.argmax(1) == labels[split]).mean()) for p in scores[split]] for split in ("val", "test")
+        }
+        mlflow.log_metrics({**val_metrics, **test_metrics})
+        for i in range(len(members)):
+            mlflow.log_metrics(
+                {f"member{i}_val_acc": member_acc["val"][i], f"member{i}_test_acc": member_acc["test"][i]}
+            )
+        title = f"ensemble of {len(members)} on {dataset_name}"
+        for split in ("val", "test"):
+            matrix = confusion(labels[split], fused[split], len(names))
+            tracking.log_figure(
+                plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"), f"plots/confusion_matrix_{split}.png"
+            )
+        tracking.log_figure(
+            plots.members_figure(
+                [m.card.architecture for m in members],
+                weights,
+                member_acc,
+                {"val": val_metrics["best_val_acc"], "test": test_metrics["test_acc"]},
+                title,
+            ),
+            "plots/members.png",
+        )
+
+        card = ModelCard(
+            architecture="ensemble(" + " + ".join(m.card.architecture for m in members) + ")",
+            dataset=dataset.name,
+            task=dataset.task,
+            class_names=tuple(names),
+            # Each member normalises inside its own part of the graph.
+            preprocessing=Preprocessing(pre.input_size, pre.in_chans, (0.0,) * pre.in_chans, (1.0,) * pre.in_chans),
+            model_options={"runs": ",".join(config.runs), "weights": ",".join(f"{w:.4f}" for w in weights)},
+        ).with_run(run.info.run_id, {**val_metrics, **test_metrics})
+        proto = onnx_compose.average(graphs, weights, card.to_props())
+        images = dataset.val.images[: tracking.PARITY_IMAGES]
+        reference = fuse([onnx_probabilities(g, to_input(images).numpy()) for g in graphs], weights)
+        log_graph_model(proto, card, images, reference)
+        mlflow.log_metric("wall_time", time.perf_counter() - started)
+        return EnsembleOutcome(
+            run.info.run_id, weights, member_acc["val"], member_acc["test"], val_metrics, test_metrics
+        )
