@@ -153,3 +153,13 @@ def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_stor
     props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert props["source_run"] == outcome.run_id and "model_version" not in props
     assert mlflow.search_registered_models() == []  # export never registers
+
+
+def test_mlflow_run_classical_on_pixels_leaves_one_finished_run(synthetic_env, mlflow_store):
+    params = ("dataset=breastmnist", "features=raw", "model=dt", "max_train_samples=200")
+    result = mlflow_run(*params, entry_point="classical")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = all_runs()
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "dt-breastmnist"
+    assert run.data.params["model"] == "dt" and run.data.params["feature_source"] == "raw"
+    assert 0 <= run.data.metrics["test_acc"] <= 1 and "best.max_depth" in run.data.params
