@@ -153,11 +153,12 @@ def table(rows: list[dict]) -> str:
         found = [r for r in rows if (r["recipe"], r["dataset"], device_of(r)) == (recipe, dataset, device)]
         seeds = f"{len(found)}" + ("" if len(found) >= len(SEEDS) else " (partial)")
         walls = sorted(r["process_time"] for r in found)
+        shared = " (shared CPU)" if any(r.get("shared_cpu") for r in found) else ""
         references = ", ".join(f"{k} {v:.4f}" for k, v in REFERENCES.get(dataset, {}).items()) or "-"
         lines.append(
             f"| {recipe} | {dataset} | {device} | {seeds} | {mean_std([r['test_acc'] for r in found])} | "
             f"{mean_std([r['test_auc'] for r in found])} | {mean_std([r['best_val_acc'] for r in found])} | "
-            f"{statistics.median(walls):.0f} (max {walls[-1]:.0f}) | {references} |"
+            f"{statistics.median(walls):.0f} (max {walls[-1]:.0f}){shared} | {references} |"
         )
     return "\n".join(lines)
 
@@ -212,7 +213,8 @@ def write_results() -> None:
         "whole process timed (data loading, training, evaluation with test-time augmentation, logging). "
         "Selection on the validation split; the test split is read once per run, after selection. A cell with "
         "fewer than 3 seeds is marked partial. GPU rows (bfloat16 autocast) show what the same recipe reaches there; "
-        "their times are not the CPU budget's.\n"
+        "their times are not the CPU budget's. (shared CPU): other work ran on the same 2 cores during these runs "
+        "(marked `shared_cpu` in the results file), so their times are upper bounds.\n"
         "Reproduce: `python benchmarks/accuracy.py` (resumable; `--recipes/--datasets/--seeds` pick a subset). "
         "Targets: `quick` above MedMNIST v2 ResNet-18 (28) on all three datasets in at most 5 minutes each; `best` "
         ">= 0.950 / 0.980 / 0.895 on OrganAMNIST / BloodMNIST / BreastMNIST within 30 minutes each.\n\n" + table(rows)
