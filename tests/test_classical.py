@@ -1,9 +1,11 @@
 """Classical estimators on CNN features: tracked runs, one ONNX graph, registered and served like a network."""
 
-import importlib
 import io
 import json
+import subprocess
+import sys
 
+import httpx
 import mlflow
 import numpy as np
 import onnxruntime as ort
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import shrunk, store_with_synthetic_data
+from tests.conftest import bentoml_server, project_env, shrunk, store_with_synthetic_data
 from training import onnx_compose
 from training.classical import ClassicalConfig, estimator_pipeline, load_grid, run_classical
 from training.cli import main as cli_main
@@ -106,26 +108,30 @@ def test_one_onnx_graph_of_features_and_svm_matches_the_python_path(runs):
     assert meta["architecture"] == "svm(resnet9)" and json.loads(meta["class_names"]) == list(card.class_names)
 
 
-def test_register_takes_the_classical_run_when_it_is_best_on_validation_and_serves_it(runs):
-    from starlette.testclient import TestClient
-
+def test_register_takes_the_classical_run_when_it_is_best_on_validation_and_serves_it(runs, tmp_path):
     mlflow.MlflowClient().log_metric(runs["svm"].run_id, "best_val_acc", 1.0)  # known best on validation
     result = register_best(DATASET, "acc")
     assert result.run_id == runs["svm"].run_id and result.promoted
-    from serving.deploy import deploy
-
-    deploy([DATASET])
-    local = mlflow.artifacts.download_artifacts(f"models:/medzoo-{DATASET}@champion", dst_path=str(runs["root"] / "c"))
+    local = mlflow.artifacts.download_artifacts(f"models:/medzoo-{DATASET}@champion", dst_path=str(tmp_path / "c"))
     offline = ort.InferenceSession(f"{local}/model.onnx")
-    service = importlib.reload(importlib.import_module("serving.service"))
     images = load_dataset(DATASET).test.images[:4]
     expected = torch.from_numpy(offline.run(None, {"pixels": to_input(images).numpy()})[0]).softmax(1).numpy()
-    with TestClient(service.MedZoo.to_asgi()) as client:
+
+    # deploy and serve as users do, in a BentoML store of this test's own
+    env = project_env(MLFLOW_TRACKING_URI=runs["uri"], BENTOML_HOME=str(tmp_path / "bentoml"), MEDZOO_WORKERS="1")
+    deployed = subprocess.run(
+        [sys.executable, "-m", "training.cli", "deploy", "--datasets", DATASET], env=env, capture_output=True, text=True
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    with bentoml_server(env) as (base, _):
         for image, probs in zip(images, expected):
             buffer = io.BytesIO()
             Image.fromarray(image.numpy()[0]).save(buffer, format="PNG")
-            body = client.post(
-                "/classify", files={"image": ("b.png", buffer.getvalue(), "image/png")}, data={"task": DATASET}
+            body = httpx.post(
+                f"{base}/classify",
+                files={"image": ("b.png", buffer.getvalue(), "image/png")},
+                data={"task": DATASET},
+                timeout=30,
             ).json()
             assert body["class_index"] == int(probs.argmax())
             assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)

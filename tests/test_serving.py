@@ -7,10 +7,8 @@ import gc
 import importlib
 import io
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,15 @@ from PIL import Image
 
 from contract import Preprocessing
 from serving.preprocessing import MAX_BATCH_IMAGES, decode_image, to_model_input
-from tests.conftest import REAL_DATA_DIR, ROOT, project_env, requires_real_data, shrunk, store_with_synthetic_data
+from tests.conftest import (
+    REAL_DATA_DIR,
+    ROOT,
+    bentoml_server,
+    project_env,
+    requires_real_data,
+    shrunk,
+    store_with_synthetic_data,
+)
 from training.data import load_dataset
 from training.engine import to_input
 from training.register import register_best
@@ -319,54 +325,12 @@ def test_bentoml_build_packs_the_service_and_every_champion(deployed, tmp_path):
 # --- end to end: a real `bentoml serve` on 127.0.0.1 --------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(deployed):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "serving.service:MedZoo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        # one worker, so /models reports the batches of the worker that served the load
-        cwd=ROOT,
-        env=project_env(MLFLOW_TRACKING_URI=deployed["uri"], MEDZOO_WORKERS="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"bentoml serve exited early:\n{process.stdout.read()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("bentoml serve did not become ready within 120 s")
-    yield base, process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    # one worker, so /models reports the batches of the worker that served the load
+    env = project_env(MLFLOW_TRACKING_URI=deployed["uri"], MEDZOO_WORKERS="1")
+    with bentoml_server(env) as served:
+        yield served
 
 
 def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(server, deployed):
