@@ -63,7 +63,7 @@ def step(dataset: str, name: str, args: list[str], data_dir, done: dict) -> dict
         return done[key]
     print(f"{key} ...", flush=True)
     line, seconds = cli(*args, data_dir=data_dir)
-    run_id = line.split("run ", 1)[1].split(":", 1)[0] if line.startswith("run ") else ""
+    run_id = line.split()[1].rstrip(":") if line.startswith("run ") else ""  # a new run, or the one registered
     row = {"dataset": dataset, "step": name, "run_id": run_id, "seconds": seconds, "output": line}
     if run_id:
         row.update(metrics_of(run_id))

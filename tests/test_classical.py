@@ -108,16 +108,20 @@ def test_one_onnx_graph_of_features_and_svm_matches_the_python_path(runs):
     assert meta["architecture"] == "svm(resnet9)" and json.loads(meta["class_names"]) == list(card.class_names)
 
 
-def test_register_takes_the_classical_run_when_it_is_best_on_validation_and_serves_it(runs, tmp_path):
+def test_register_takes_the_classical_run_when_it_is_best_on_validation(runs):
     mlflow.MlflowClient().log_metric(runs["svm"].run_id, "best_val_acc", 1.0)  # known best on validation
     result = register_best(DATASET, "acc")
     assert result.run_id == runs["svm"].run_id and result.promoted
+    version = mlflow.MlflowClient().get_model_version(result.name, result.version)
+    assert version.tags["architecture"] == "svm(resnet9)" and "max |probability difference|" in version.tags["parity"]
+
+
+def assert_the_champion_is_served_like_offline(runs, tmp_path, architecture: str) -> None:
+    """Deploy and serve as users do (CLI, real `bentoml serve`), in a BentoML store of the test's own."""
     local = mlflow.artifacts.download_artifacts(f"models:/medzoo-{DATASET}@champion", dst_path=str(tmp_path / "c"))
     offline = ort.InferenceSession(f"{local}/model.onnx")
     images = load_dataset(DATASET).test.images[:4]
     expected = torch.from_numpy(offline.run(None, {"pixels": to_input(images).numpy()})[0]).softmax(1).numpy()
-
-    # deploy and serve as users do, in a BentoML store of this test's own
     env = project_env(MLFLOW_TRACKING_URI=runs["uri"], BENTOML_HOME=str(tmp_path / "bentoml"), MEDZOO_WORKERS="1")
     deployed = subprocess.run(
         [sys.executable, "-m", "training.cli", "deploy", "--datasets", DATASET], env=env, capture_output=True, text=True
@@ -135,7 +139,7 @@ def test_register_takes_the_classical_run_when_it_is_best_on_validation_and_serv
             ).json()
             assert body["class_index"] == int(probs.argmax())
             assert body["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
-            assert body["model"]["architecture"] == "svm(resnet9)"
+            assert body["model"]["architecture"] == architecture
 
 
 @pytest.mark.parametrize(
@@ -204,7 +208,7 @@ def test_the_ensemble_graph_averages_its_members_like_the_python_path(runs, ense
     )
 
 
-def test_register_takes_the_ensemble_when_it_is_best_on_validation(runs, ensemble):
+def test_register_takes_the_ensemble_when_it_is_best_on_validation_and_serves_it(runs, ensemble, tmp_path):
     client = mlflow.MlflowClient()
     for run_id in (runs["cnn"], runs["svm"].run_id, runs["rf"].run_id):  # known validation scores
         client.log_metric(run_id, "best_val_auc", 0.9)
@@ -214,6 +218,7 @@ def test_register_takes_the_ensemble_when_it_is_best_on_validation(runs, ensembl
     assert result.run_id == ensemble.run_id and result.created and result.promoted, result.message
     champion = mlflow.MlflowClient().get_model_version_by_alias(f"medzoo-{DATASET}", "champion")
     assert champion.tags["source_run"] == ensemble.run_id
+    assert_the_champion_is_served_like_offline(runs, tmp_path, "ensemble(resnet9 + svm(resnet9) + rf(resnet9))")
 
 
 @pytest.mark.parametrize(
