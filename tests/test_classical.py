@@ -40,6 +40,14 @@ def runs(tmp_path_factory, synthetic_data_dir):
         yield found
 
 
+def assert_refused_before_any_run(argv: list[str], message: str, capsys) -> None:
+    """The CLI exits 2 with ``message`` and the store holds no more runs than before."""
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+
+
 def artifacts(run_id: str, path: str = "") -> set[str]:
     return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
 
@@ -156,10 +164,7 @@ def test_bad_classical_input_names_the_value_and_creates_no_run(argv, message, r
     grid = tmp_path / "grid.yaml"
     grid.write_text("svm: {degre: [2, 3]}\n")
     argv = [str(grid) if a == "GRID" else runs["cnn"] if a == "CNN" else a for a in argv]
-    before = len(mlflow.search_runs(search_all_experiments=True))
-    assert cli_main(["classical", "--dataset", DATASET, *argv]) == 2
-    assert message in capsys.readouterr().err
-    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+    assert_refused_before_any_run(["classical", "--dataset", DATASET, *argv], message, capsys)
 
 
 # --- ensembles ---------------------------------------------------------------------------------------
@@ -234,10 +239,7 @@ def test_register_takes_the_ensemble_when_it_is_best_on_validation_and_serves_it
 def test_bad_ensemble_input_names_the_value_and_creates_no_run(argv, message, runs, blood_run, capsys):
     names = {"CNN": runs["cnn"], "SVM": runs["svm"].run_id, "BLOOD": blood_run}
     argv = [",".join(names.get(part, part) for part in a.split(",")) for a in argv]
-    before = len(mlflow.search_runs(search_all_experiments=True))
-    assert cli_main(["ensemble", *argv]) == 2
-    assert message in capsys.readouterr().err
-    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+    assert_refused_before_any_run(["ensemble", *argv], message, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from training import onnx_compose, plots, tracking
 from training.data import DatasetError, check_dataset_name, load_dataset
 from training.export import ExportError, export_onnx, load_logged_model, log_graph_model
 from training.features import RAW, FeaturesError, RawPixels, extract, rebuild_network, without_classifier
-from training.metrics import classification_metrics, confusion
+from training.metrics import classification_metrics
 from training.options import AUTO, OptionError, option
 
 GRID_FILE = Path(__file__).resolve().parents[1] / "configs" / "classical_grids.yaml"
@@ -231,11 +231,7 @@ def run_classical(config: ClassicalConfig) -> ClassicalOutcome:
 def _log_figures(config, dataset, source, features, labels, estimator, val_probs, test_probs) -> None:
     names = dataset.class_names
     title = f"{config.model} on {source} features, {dataset.name}"
-    for split, probs in (("val", val_probs), ("test", test_probs)):
-        matrix = confusion(labels[split], probs, len(names))
-        tracking.log_figure(
-            plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"), f"plots/confusion_matrix_{split}.png"
-        )
+    tracking.log_confusion_matrices(labels, {"val": val_probs, "test": test_probs}, names, title)
     pca = PCA(2, random_state=config.seed).fit(features["train"])
     plane = pca.transform(features["train"])
     tracking.log_figure(

@@ -23,7 +23,7 @@ from training import onnx_compose, plots, tracking
 from training.data import load_dataset
 from training.engine import to_input
 from training.export import export_run, log_graph_model, logged_model_info, onnx_probabilities
-from training.metrics import classification_metrics, confusion
+from training.metrics import classification_metrics
 from training.options import AUTO, OptionError, option
 
 
@@ -147,11 +147,7 @@ def run_ensemble(config: EnsembleConfig) -> EnsembleOutcome:
                 {f"member{i}_val_acc": member_acc["val"][i], f"member{i}_test_acc": member_acc["test"][i]}
             )
         title = f"ensemble of {len(members)} on {dataset_name}"
-        for split in ("val", "test"):
-            matrix = confusion(labels[split], fused[split], len(names))
-            tracking.log_figure(
-                plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"), f"plots/confusion_matrix_{split}.png"
-            )
+        tracking.log_confusion_matrices(labels, fused, names, title)
         tracking.log_figure(
             plots.members_figure(
                 [m.card.architecture for m in members],
@@ -173,9 +169,9 @@ def run_ensemble(config: EnsembleConfig) -> EnsembleOutcome:
             model_options={"runs": ",".join(config.runs), "weights": ",".join(f"{w:.4f}" for w in weights)},
         ).with_run(run.info.run_id, {**val_metrics, **test_metrics})
         proto = onnx_compose.average(graphs, weights, card.to_props())
-        images = dataset.val.images[: tracking.PARITY_IMAGES]
-        reference = fuse([onnx_probabilities(g, to_input(images).numpy()) for g in graphs], weights)
-        log_graph_model(proto, card, images, reference)
+        # The parity images are the first validation images, which every member has scored above.
+        parity = tracking.PARITY_IMAGES
+        log_graph_model(proto, card, dataset.val.images[:parity], fused["val"][:parity])
         mlflow.log_metric("wall_time", time.perf_counter() - started)
         return EnsembleOutcome(
             run.info.run_id, weights, member_acc["val"], member_acc["test"], val_metrics, test_metrics

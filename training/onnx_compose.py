@@ -7,7 +7,6 @@ probabilities (an SVM, a forest) outputs their logarithm, as test-time augmentat
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx.version_converter
 from onnx import TensorProto, helper
@@ -67,11 +66,6 @@ def chain(extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dic
     onnx.helper.set_model_props(merged, metadata)
     onnx.checker.check_model(merged, full_check=True)
     return merged
-
-
-def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """What ``chain``'s graph computes from the probabilities, in NumPy (the Python path of parity checks)."""
-    return np.log(np.maximum(probabilities, PROBABILITY_FLOOR)).astype(np.float32)
 
 
 def average(members: list[onnx.ModelProto], weights: list[float], metadata: dict[str, str]) -> onnx.ModelProto:

@@ -93,6 +93,19 @@ def log_figure(figure, path: str) -> None:
     plt.close(figure)
 
 
+def log_confusion_matrices(labels: dict, probs: dict, class_names: list[str], title: str) -> None:
+    """``plots/confusion_matrix_<split>.png`` for each split of ``probs`` (labels and probabilities by split)."""
+    from training import plots
+    from training.metrics import confusion
+
+    for split, split_probs in probs.items():
+        matrix = confusion(labels[split], split_probs, len(class_names))
+        log_figure(
+            plots.confusion_matrix_figure(matrix, class_names, f"{title}, {split}"),
+            f"plots/confusion_matrix_{split}.png",
+        )
+
+
 def log_model(model: torch.nn.Module, parity_images: torch.Tensor, card: ModelCard):
     """The trained model in MLflow's pt2 format (a traced graph, dynamic batch) with its card and parity batch."""
     model.eval()

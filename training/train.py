@@ -24,7 +24,6 @@ from training import plots, policy, tracking
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.engine import EpochResult, FitOptions, FitResult, evaluate, fit, resolve_device
-from training.metrics import confusion
 from training.options import to_text
 
 
@@ -193,12 +192,8 @@ def run_training(
 def _log_reports(config, dataset: ImageDataset, fit_result: FitResult, val_probs, test_probs) -> None:
     names = dataset.class_names
     title = f"{config.model} on {dataset.name} ({dataset.size} px)"
-    for split, probs in (("val", val_probs), ("test", test_probs)):
-        labels = dataset.split(split).labels.numpy()
-        matrix = confusion(labels, probs, len(names))
-        tracking.log_figure(
-            plots.confusion_matrix_figure(matrix, names, f"{title}, {split}"), f"plots/confusion_matrix_{split}.png"
-        )
+    labels = {split: dataset.split(split).labels.numpy() for split in ("val", "test")}
+    tracking.log_confusion_matrices(labels, {"val": val_probs, "test": test_probs}, names, title)
     tracking.log_figure(
         plots.learning_curves_figure(fit_result.history, fit_result.best_epoch, title), "plots/learning_curves.png"
     )
