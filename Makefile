@@ -7,8 +7,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SHARED_DATA := $(abspath ../shared/data/medmnist)
 export MEDZOO_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/*.npz),$(SHARED_DATA),)
 ARGS ?=
+# `make train` trains on DATASET into the MLflow experiment of that name; `make study` runs study NAME.
+DATASET ?= organamnist
+NAME ?= organamnist-architectures
+BUDGET ?= quick
 
-.PHONY: setup train test lint ui clean
+.PHONY: setup train study test lint ui clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +22,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 train: setup
-	mlflow run . -e train --env-manager local $(ARGS)
+	mlflow run . -e train --env-manager local --experiment-name $(DATASET) -P dataset=$(DATASET) $(ARGS)
+
+study: setup
+	mlflow run . -e study --env-manager local --experiment-name study-$(NAME) -P name=$(NAME) -P budget=$(BUDGET) $(ARGS)
 
 test: setup
 	python -m pytest $(ARGS)

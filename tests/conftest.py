@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,11 +61,33 @@ def write_synthetic_medmnist(path: Path, flag: str, size: int = 28, sizes: dict 
     return path
 
 
+def write_idx(folder: Path, stem: str, array: np.ndarray) -> None:
+    """One file in the idx format torchvision reads for MNIST and Fashion-MNIST."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3:
+        header = struct.pack(">IIII", 0x803, *array.shape)
+    else:
+        header = struct.pack(">II", 0x801, len(array))
+    (folder / stem).write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_synthetic_torchvision(root: Path, folder: str, train: int = 300, test: int = 100, seed: int = 0) -> None:
+    """Learnable MNIST-format files (``folder``: MNIST or FashionMNIST) under ``root/<folder>/raw``."""
+    raw = root / folder / "raw"
+    for i, (prefix, n) in enumerate((("train", train), ("t10k", test))):
+        labels = np.arange(n) % 10
+        np.random.default_rng(seed + i).shuffle(labels)
+        write_idx(raw, f"{prefix}-images-idx3-ubyte", synthetic_images(labels, 1, 28, seed=seed))
+        write_idx(raw, f"{prefix}-labels-idx1-ubyte", labels)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("medmnist")
     for flag in ("breastmnist", "bloodmnist", "organamnist"):
         write_synthetic_medmnist(root / f"{flag}.npz", flag)
+    for folder in ("MNIST", "FashionMNIST"):
+        write_synthetic_torchvision(root, folder)
     return root
 
 

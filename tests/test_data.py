@@ -1,11 +1,9 @@
-import struct
-
 import numpy as np
 import pytest
 import torch
 from medmnist import INFO
 
-from tests.conftest import REAL_DATA_DIR, requires_real_data, write_synthetic_medmnist
+from tests.conftest import REAL_DATA_DIR, requires_real_data, write_idx, write_synthetic_medmnist
 from training.data import (
     DatasetError,
     Split,
@@ -139,23 +137,14 @@ def test_missing_keys_and_wrong_shapes(tmp_path, monkeypatch):
         load_dataset("breastmnist", tmp_path)
 
 
-def _write_idx(folder, stem, array):
-    folder.mkdir(parents=True, exist_ok=True)
-    if array.ndim == 3:
-        header = struct.pack(">IIII", 0x803, *array.shape)
-    else:
-        header = struct.pack(">II", 0x801, len(array))
-    (folder / stem).write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_mnist_from_torchvision_files_gets_a_fixed_validation_split(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     rng = np.random.default_rng(0)
     train_labels = np.arange(200) % 10
-    _write_idx(raw, "train-images-idx3-ubyte", rng.integers(0, 255, (200, 28, 28)))
-    _write_idx(raw, "train-labels-idx1-ubyte", train_labels)
-    _write_idx(raw, "t10k-images-idx3-ubyte", rng.integers(0, 255, (50, 28, 28)))
-    _write_idx(raw, "t10k-labels-idx1-ubyte", np.arange(50) % 10)
+    write_idx(raw, "train-images-idx3-ubyte", rng.integers(0, 255, (200, 28, 28)))
+    write_idx(raw, "train-labels-idx1-ubyte", train_labels)
+    write_idx(raw, "t10k-images-idx3-ubyte", rng.integers(0, 255, (50, 28, 28)))
+    write_idx(raw, "t10k-labels-idx1-ubyte", np.arange(50) % 10)
     data = load_dataset("mnist", tmp_path, download=False)
     assert (len(data.train), len(data.val), len(data.test)) == (180, 20, 50)
     assert data.val.labels.bincount().tolist() == [2] * 10  # stratified

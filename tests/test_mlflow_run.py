@@ -7,6 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT, project_env, shrunk
 
@@ -163,3 +164,33 @@ def test_mlflow_run_classical_on_pixels_leaves_one_finished_run(synthetic_env, m
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "dt-breastmnist"
     assert run.data.params["model"] == "dt" and run.data.params["feature_source"] == "raw"
     assert 0 <= run.data.metrics["test_acc"] <= 1 and "best.max_depth" in run.data.params
+
+
+def test_mlflow_run_study_nests_every_configuration_under_the_project_run(synthetic_env, mlflow_store, tmp_path):
+    study = {
+        "title": "two nets",
+        "datasets": ["breastmnist"],
+        "defaults": {"recipe": "none", "batch_size": 16, "lr": 0.01},
+        "budgets": {"quick": {"max_epochs": 1}, "full": {}},
+        "plots": ["bar"],
+        "runs": [
+            {"name": "mlp", "train": {"model": "mlp"}},
+            {"name": "cnn", "train": {"model": "cnn", "model.filters": "8"}, "reported": 0.853},
+        ],
+    }
+    path = tmp_path / "two-nets.yaml"
+    path.write_text(yaml.safe_dump(study))
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "study", "--env-manager", "local"]
+    args += ["--experiment-name", "studies", "-P", f"name={path}", "-P", "seeds=0"]
+    result = subprocess.run(args, capture_output=True, text=True, env=project_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs()
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.runName"] == "study-two-nets"
+    assert parent.data.tags["mlflow.project.entryPoint"] == "study"  # the run `mlflow run` made is the parent
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["study_config"] for r in children) == ["cnn", "mlp", "ours: recipe quick"]
+    experiment = mlflow.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "studies" and {r.info.experiment_id for r in children} == {experiment.experiment_id}
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "| cnn | breastmnist | 0.8530 |" in mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study.md")

@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "deploy": "deploy",
     "classical": "classical",
     "ensemble": "ensemble",
+    "study": "study",
 }
 
 

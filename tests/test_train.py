@@ -44,6 +44,26 @@ def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env
     assert len(client.get_metric_history(outcome.run_id, "test_acc")) == 1
 
 
+def test_runs_land_in_a_training_experiment_named_after_the_dataset_unless_one_is_chosen(
+    synthetic_env, mlflow_store, monkeypatch
+):
+    client = mlflow.MlflowClient()
+    first = mlflow.get_run(run_training(tiny(epochs=1), progress=False).run_id)
+    experiment = client.get_experiment(first.info.experiment_id)
+    # MLflow 3's UI opens a model-training experiment on its runs table, not on the GenAI overview
+    assert experiment.name == "bloodmnist" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    second = mlflow.get_run(run_training(tiny(epochs=1), progress=False).run_id)
+    assert second.info.experiment_id == experiment.experiment_id
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-experiment")
+    chosen = client.get_experiment_by_name("my-experiment") or client.get_experiment(
+        client.create_experiment("my-experiment")
+    )
+    third = mlflow.get_run(run_training(tiny(epochs=1), progress=False).run_id)
+    assert third.info.experiment_id == chosen.experiment_id
+    assert client.get_experiment(chosen.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_selection_keeps_the_best_candidate_and_counts_patience():
     from training.engine import Selection
 

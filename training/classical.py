@@ -156,10 +156,17 @@ def feature_extractor(config: ClassicalConfig, in_chans: int, size: int) -> tupl
     return without_classifier(rebuild_network(logged, card)), card.preprocessing, card.architecture
 
 
-def run_classical(config: ClassicalConfig) -> ClassicalOutcome:
+def run_classical(config: ClassicalConfig, nested: bool = False, tags: dict | None = None) -> ClassicalOutcome:
     grid = validate(config)
-    tags = {"model": config.model, "dataset": config.dataset, "kind": "classical", "features": config.features}
-    with tracking.tracked_run(f"{config.model}-{config.dataset}", tags) as run:
+    tags = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "kind": "classical",
+        "features": config.features,
+        **(tags or {}),
+    }
+    run_name = f"{config.model}-{config.dataset}"
+    with tracking.tracked_run(run_name, tags, nested=nested, experiment=config.dataset) as run:
         started = time.perf_counter()
         dataset = load_dataset(
             config.dataset,

@@ -1,7 +1,7 @@
 """The command line of every entry point, and the one place that turns errors into exit codes.
 
     python -m training.cli train --model cnn --dataset breastmnist --epochs 5
-    python -m training.cli {train,sweep,leaderboard,pipeline,register,export,deploy} --help
+    python -m training.cli {train,sweep,leaderboard,pipeline,register,export,classical,ensemble,study,deploy} --help
 
 Each sub-command's flags are generated from dataclasses: :class:`training.config.TrainConfig` for everything
 that trains, and the small option sets below. Training flags start from a named recipe (``--recipe``, default
@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from training.config import TrainConfig
@@ -279,6 +280,22 @@ def deploy(args) -> str:
     return "\n".join(lines + [f"serve with: bentoml serve serving.service:MedZoo (BentoML home: {bentoml_home()})"])
 
 
+def study(args) -> str:
+    from training.study import StudyOptions, describe, run_study
+
+    options = build(StudyOptions, args)
+    if options.dry_run:
+        return describe(options)
+    outcome = run_study(options, progress=_progress(args))
+    return f"study run {outcome.run_id} ({len(outcome.run_ids)} nested runs):\n\n{outcome.report_markdown}"
+
+
+def _study_options() -> type:
+    from training.study import StudyOptions
+
+    return StudyOptions
+
+
 def _classical_config() -> type:
     from training.classical import ClassicalConfig
 
@@ -353,6 +370,13 @@ COMMANDS = {
             ensemble,
             (_ensemble_config(),),
             run_name=lambda a: "ensemble",
+        ),
+        Command(
+            "study",
+            "a notebook study as nested runs (configs/studies/NAME.yaml), reported vs measured",
+            study,
+            (_study_options(),),
+            run_name=lambda a: f"study-{Path(a.name).stem}",
         ),
         Command(
             "deploy",

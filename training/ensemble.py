@@ -107,12 +107,19 @@ def validation_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> l
     return [float(w) for w in weights / weights.sum()]
 
 
-def run_ensemble(config: EnsembleConfig) -> EnsembleOutcome:
+def run_ensemble(config: EnsembleConfig, nested: bool = False, tags: dict | None = None) -> EnsembleOutcome:
     members = members_of([str(r) for r in config.runs])
     given = parse_weights(config.weights, len(members))
     dataset_name = members[0].card.dataset
-    tags = {"model": "ensemble", "dataset": dataset_name, "kind": "ensemble", "members": ",".join(config.runs)}
-    with tracking.tracked_run(f"ensemble-{dataset_name}", tags) as run:
+    tags = {
+        "model": "ensemble",
+        "dataset": dataset_name,
+        "kind": "ensemble",
+        "members": ",".join(config.runs),
+        **(tags or {}),
+    }
+    run_name = f"ensemble-{dataset_name}"
+    with tracking.tracked_run(run_name, tags, nested=nested, experiment=dataset_name) as run:
         started = time.perf_counter()
         pre = members[0].card.preprocessing
         dataset = load_dataset(dataset_name, None if config.data_dir == AUTO else config.data_dir, size=pre.input_size)

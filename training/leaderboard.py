@@ -126,7 +126,9 @@ def run_leaderboard(
     configs = [make_config(model, dataset).validate() for dataset in datasets for model in models]
     base = configs[0]
     with tracking.tracked_run(
-        "leaderboard", {"leaderboard": "true", "models": ",".join(models), "datasets": ",".join(datasets)}
+        "leaderboard",
+        {"leaderboard": "true", "models": ",".join(models), "datasets": ",".join(datasets)},
+        experiment="leaderboard",
     ) as parent:
         tracking.log_new_params(
             {

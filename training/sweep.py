@@ -126,7 +126,7 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
 
     tags = {"sweep": study_name, "model": base.model, "sweep_dataset": base.dataset}
     parent_id = _first_parent(study, study_name)
-    with tracking.tracked_run(f"sweep-{study_name}", tags, run_id=parent_id) as parent:
+    with tracking.tracked_run(f"sweep-{study_name}", tags, run_id=parent_id, experiment=base.dataset) as parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
         tracking.log_new_params(
             {

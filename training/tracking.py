@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,16 +31,29 @@ PARITY_IMAGES = 64
 ERROR_TAG = "medzoo.error"
 NOTES_TAG = "medzoo.notes"
 SYSTEM_METRICS_INTERVAL_S = 5
+# MLflow 3's UI reads this experiment tag to choose its layout; unset, it opens on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str, tags: dict, nested: bool = False, run_id: str | None = None):
+def tracked_run(
+    run_name: str, tags: dict, nested: bool = False, run_id: str | None = None, experiment: str | None = None
+):
     """``mlflow.start_run`` that ends FAILED on errors and KILLED on Ctrl-C (MLflow says FAILED for both).
 
-    ``run_id`` reopens an existing run (a resumed sweep's parent) instead of creating one.
+    ``run_id`` reopens an existing run (a resumed sweep's parent) instead of creating one. ``experiment`` names
+    the experiment a new top-level run goes to when the caller chose none (see :func:`experiment_for`).
     """
     mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, log_system_metrics=True)
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        log_system_metrics=True,
+        experiment_id=None if run_id else experiment_for(experiment, nested),
+    )
+    mark_training_experiment(run.info.experiment_id)
     mlflow.set_tags(tags)
     # Under `mlflow run` the run already exists and start_run ignores run_name; set it explicitly.
     mlflow.set_tag("mlflow.runName", run_name)
@@ -54,6 +68,36 @@ def tracked_run(run_name: str, tags: dict, nested: bool = False, run_id: str | N
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def experiment_for(name: str | None, nested: bool) -> str | None:
+    """The experiment id for a new run: a nested run joins its parent's experiment; a top-level run goes to the
+    experiment ``name`` (created on first use) unless the user chose one (``mlflow run --experiment-name``,
+    $MLFLOW_EXPERIMENT_NAME / _ID, ``mlflow.set_experiment``) or `mlflow run` already made the run."""
+    active = mlflow.active_run()
+    if nested and active is not None:
+        return active.info.experiment_id
+    chosen = any(os.environ.get(v) for v in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"))
+    if name is None or chosen or getattr(mlflow.tracking.fluent, "_active_experiment_id", None):
+        return None
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "active":
+        return found.experiment_id
+    if found is not None:  # deleted in the UI: bring it back rather than fail on the taken name
+        client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+    except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training, so MLflow 3's UI opens it on the runs table, not the GenAI overview."""
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
 
 
 def log_new_params(params: dict) -> None:
@@ -94,16 +138,22 @@ def log_figure(figure, path: str) -> None:
 
 
 def log_confusion_matrices(labels: dict, probs: dict, class_names: list[str], title: str) -> None:
-    """``plots/confusion_matrix_<split>.png`` for each split of ``probs`` (labels and probabilities by split)."""
+    """``plots/confusion_matrix_<split>.png`` for each split of ``probs`` (labels and probabilities by split), and
+    the counts as ``reports/confusion_matrix_<split>.json`` for tools that compare runs (studies)."""
     from training import plots
     from training.metrics import confusion
 
     for split, split_probs in probs.items():
         matrix = confusion(labels[split], split_probs, len(class_names))
+        log_json({"class_names": list(class_names), "counts": matrix.tolist()}, confusion_matrix_path(split))
         log_figure(
             plots.confusion_matrix_figure(matrix, class_names, f"{title}, {split}"),
             f"plots/confusion_matrix_{split}.png",
         )
+
+
+def confusion_matrix_path(split: str) -> str:
+    return f"reports/confusion_matrix_{split}.json"
 
 
 def log_model(model: torch.nn.Module, parity_images: torch.Tensor, card: ModelCard):

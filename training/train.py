@@ -118,7 +118,8 @@ def run_training(
         "device": device,
         **(extra_tags or {}),
     }
-    with tracking.tracked_run(f"{config.model}-{config.dataset}", tags, nested=nested) as run:
+    run_name = f"{config.model}-{config.dataset}"
+    with tracking.tracked_run(run_name, tags, nested=nested, experiment=config.dataset) as run:
         started = time.perf_counter()
         dataset = load_dataset(
             config.dataset,
