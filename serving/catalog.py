@@ -33,6 +33,7 @@ def task_aliases(dataset: str) -> tuple[str, ...]:
 class ServedModel:
     card: ModelCard
     session: ort.InferenceSession
+    tag: str = ""  # the BentoML store tag it was loaded from: a reload swaps it only when this changes
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self):

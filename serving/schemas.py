@@ -35,6 +35,9 @@ class TaskInfo(BaseModel):
     input_size: int
     in_chans: int
     resize: str
+    min_side: int = Field(description="smaller images are refused (422): the model was not made for them")
+    max_aspect_ratio: float = Field(description="longer / shorter side; more elongated images are refused (422)")
+    colour_required: bool = Field(description="grey images are refused (422) for colour tasks")
     model: ModelInfo
     largest_batch: int = Field(description="largest adaptive batch among the last 1000 onnxruntime calls")
 
@@ -46,3 +49,8 @@ class Catalogue(BaseModel):
 
 class ErrorMessage(BaseModel):
     error: str
+
+
+class Reloaded(BaseModel):
+    changed: list[str] = Field(description="models swapped in: '<name>: <old tag> -> <new tag>'")
+    versions: dict[str, str] = Field(description="task -> registered model version now served")

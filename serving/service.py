@@ -9,8 +9,14 @@ Models are the registry champions that ``serving.deploy`` imported into the Bent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import os
+import secrets
+import signal
+import threading
+import time
 from pathlib import Path
 
 import bentoml
@@ -25,22 +31,68 @@ from serving import bentoml_fixes
 from serving.catalog import ONNX_FILE, Catalog, ServedModel, make_session
 from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
 from serving.preprocessing import (
+    MAX_ASPECT_RATIO,
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     RequestError,
+    check_suitable,
     decode_image,
+    minimum_side,
     to_model_input,
 )
-from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Prediction, TaskInfo
+from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Prediction, Reloaded, TaskInfo
 
 bentoml_fixes.apply()
+logger = logging.getLogger("medzoo")
+
+API_KEY_ENV = "MEDZOO_API_KEY"  # the prediction routes need it when set
+ADMIN_KEY_ENV = "MEDZOO_ADMIN_KEY"  # the admin routes exist only when set
+HOST_ENV, LOCAL_HOST = "MEDZOO_HOST", "127.0.0.1"
+RELOAD_INTERVAL_ENV, DEFAULT_RELOAD_INTERVAL_S = "MEDZOO_RELOAD_INTERVAL_S", 2.0
+# SIGTERM: finish what is in flight until nothing has arrived for DRAIN_QUIET_S, at most DRAIN_TIMEOUT_S.
+DRAIN_QUIET_S, DRAIN_TIMEOUT_S = 0.5, 20.0
 
 
 def store_models() -> dict[str, bentoml.models.BentoModel]:
     """The latest version of every medzoo-* model in the BentoML store, keyed by a valid attribute name."""
     names = sorted({m.tag.name for m in bentoml.models.list() if m.tag.name.startswith(REGISTERED_MODEL_PREFIX)})
     return {f"model_{name.replace('-', '_')}": bentoml.models.BentoModel(f"{name}:latest") for name in names}
+
+
+def latest_in_store() -> dict[str, bentoml.Model]:
+    """name -> the newest stored version of every medzoo-* model (what `deploy` imported last)."""
+    latest: dict[str, bentoml.Model] = {}
+    for model in bentoml.models.list():
+        name = model.tag.name
+        if name.startswith(REGISTERED_MODEL_PREFIX) and (
+            name not in latest or model.info.creation_time > latest[name].info.creation_time
+        ):
+            latest[name] = model
+    return latest
+
+
+def served_model(stored: bentoml.Model) -> ServedModel:
+    card = ModelCard.from_props({k: str(v) for k, v in stored.info.metadata.items()})
+    return ServedModel(card, make_session(str(Path(stored.path) / ONNX_FILE)), tag=str(stored.tag))
+
+
+def api_key_error(request: Request, env: str) -> Response | None:
+    """401 unless the request carries the key in $env (``Authorization: Bearer <key>`` or ``X-API-Key``).
+    No key set: open. The key is compared in constant time and never logged or echoed."""
+    expected = os.environ.get(env, "")
+    if not expected:
+        return None
+    given = request.headers.get("x-api-key", "")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        given = token.strip()
+    if given and secrets.compare_digest(given.encode(), expected.encode()):
+        return None
+    body = ErrorMessage(error=f"this route needs the API key (Authorization: Bearer <key> or X-API-Key), see ${env}.")
+    response = json_response(body, 401)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -63,6 +115,13 @@ def prediction(model: ServedModel, logits: np.ndarray) -> Prediction:
     )
 
 
+def model_input(model: ServedModel, data: bytes, filename: str) -> np.ndarray:
+    """Decoded, checked to be an image this model was made for, and shaped as its input."""
+    image = decode_image(data, filename)
+    check_suitable(image, model.task, model.spec, filename)
+    return to_model_input(image, model.spec)
+
+
 def json_response(body: BaseModel, status: int = 200) -> Response:
     # Serialised by pydantic in one pass; FastAPI does not validate a Response a second time.
     return Response(body.model_dump_json(), status_code=status, media_type="application/json")
@@ -82,7 +141,9 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
         400: "malformed form, missing or unexpected field, empty image",
         413: "body, image bytes, pixels or image count over the limit",
         415: "not multipart/form-data, or not a decodable image",
-        422: "unknown task, truncated or corrupt image",
+        401: "an API key is set (MEDZOO_API_KEY) and the request did not send it",
+        422: "unknown task, truncated or corrupt image, or an image the model was not made for (too small, too "
+        "elongated, grey for a colour task; the limits are in GET /models)",
     }
     return {
         "summary": summary,
@@ -104,12 +165,49 @@ class MedZoo:
     """The models and what they answer; the HTTP routes below only read requests and write answers."""
 
     def __init__(self) -> None:
-        served = []
-        for attribute in DECLARED_MODELS:
-            stored = getattr(type(self), attribute).stored
-            card = ModelCard.from_props({k: str(v) for k, v in stored.info.metadata.items()})
-            served.append(ServedModel(card, make_session(str(Path(stored.path) / ONNX_FILE))))
-        self.catalog = Catalog(served)
+        self.catalog = Catalog([served_model(getattr(type(self), a).stored) for a in DECLARED_MODELS])
+        self._reloading = threading.Lock()
+        interval = float(os.environ.get(RELOAD_INTERVAL_ENV, DEFAULT_RELOAD_INTERVAL_S))
+        if interval > 0:
+            threading.Thread(target=self._watch_store, args=(interval,), name="medzoo-reload", daemon=True).start()
+        self.in_flight, self.draining = 0, False
+        if threading.current_thread() is threading.main_thread():
+            self._shut_down = signal.signal(signal.SIGTERM, self._drain_then_shut_down)
+
+    def __is_ready__(self) -> bool:
+        """/readyz: not ready once draining, so a load balancer stops sending requests here."""
+        return not self.draining
+
+    @contextlib.contextmanager
+    def serving(self):
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def _drain_then_shut_down(self, signum, frame) -> None:
+        """SIGTERM: uvicorn would close every connection whose request it has not started yet (an upload still
+        arriving is cut off). Stop being ready, answer everything in flight until it has been quiet for a moment
+        (or DRAIN_TIMEOUT_S passed), then hand the signal to uvicorn's own graceful shutdown."""
+        if self.draining:  # a second SIGTERM: no more waiting
+            self._shut_down(signum, frame)
+            return
+        self.draining = True
+
+        def drain():
+            deadline, quiet_since = time.monotonic() + DRAIN_TIMEOUT_S, None
+            while time.monotonic() < deadline:
+                if self.in_flight:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= DRAIN_QUIET_S:
+                    break
+                time.sleep(0.05)
+            self._shut_down(signum, None)
+
+        threading.Thread(target=drain, name="medzoo-drain", daemon=True).start()
         # What exists now (modules, models) lives as long as the worker: frozen, full garbage collections stop
         # scanning it, which otherwise pauses the worker for ~70 ms each time under load.
         gc.collect()
@@ -117,16 +215,41 @@ class MedZoo:
 
     async def classify(self, task: str, image: bytes) -> Prediction:
         model = self.catalog.resolve(task)
-        pixels = to_model_input(decode_image(image), model.spec)
+        pixels = model_input(model, image, "image")
         return prediction(model, await model.batcher.infer(pixels))
 
     async def classify_batch(self, task: str, images: list[bytes]) -> BatchPrediction:
         model = self.catalog.resolve(task)
-        batch = np.stack(
-            [to_model_input(decode_image(data, f"images[{i}]"), model.spec) for i, data in enumerate(images)]
-        )
+        batch = np.stack([model_input(model, data, f"images[{i}]") for i, data in enumerate(images)])
         logits = await asyncio.to_thread(model.logits, batch)
         return BatchPrediction(task=model.task, results=[prediction(model, row) for row in logits])
+
+    def reload(self) -> list[str]:
+        """Load every model `deploy` imported since, and swap the catalogue in one assignment: requests already
+        running finish on the model they started with, new ones get the new one. Returns what changed."""
+        with self._reloading:
+            current = {m.tag.split(":")[0]: m for m in self.catalog.models.values()}
+            served, changed = [], []
+            for name, stored in sorted(latest_in_store().items()):
+                old = current.get(name)
+                if old is not None and old.tag == str(stored.tag):
+                    served.append(old)
+                    continue
+                served.append(served_model(stored))
+                changed.append(f"{name}: {old.tag if old else 'new'} -> {stored.tag}")
+            if changed:
+                self.catalog = Catalog(served)
+                logger.info("models reloaded: %s", "; ".join(changed))
+            return changed
+
+    def _watch_store(self, interval: float) -> None:
+        """Every worker polls the model store, so a `deploy` reaches all of them without a restart."""
+        while True:
+            time.sleep(interval)
+            try:
+                self.reload()
+            except Exception:  # noqa: BLE001 - a half-written or broken import: keep serving what works
+                logger.exception("model reload failed; still serving the models loaded before")
 
     def catalogue(self) -> Catalogue:
         tasks = [
@@ -137,6 +260,9 @@ class MedZoo:
                 input_size=m.spec.input_size,
                 in_chans=m.spec.in_chans,
                 resize=m.spec.resize,
+                min_side=minimum_side(m.spec),
+                max_aspect_ratio=MAX_ASPECT_RATIO,
+                colour_required=m.spec.in_chans == 3,
                 model=m.info,
                 largest_batch=max(m.batcher.batch_sizes, default=0),
             )
@@ -160,21 +286,29 @@ def current() -> MedZoo:
 async def classify(request: Request) -> Response:
     """One image in the field `image` (PNG, JPEG, BMP or TIFF; gray or colour; any size within the limits)
     and the task in the field `task`. Concurrent requests share onnxruntime calls (adaptive batching)."""
-    try:
-        form = await read_form(request, IMAGE_FORM)
-        return json_response(await current().classify(form.text["task"], form.files[0]))
-    except RequestError as err:
-        return error(err)
+    if refused := api_key_error(request, API_KEY_ENV):
+        return refused
+    service = current()
+    with service.serving():
+        try:
+            form = await read_form(request, IMAGE_FORM)
+            return json_response(await service.classify(form.text["task"], form.files[0]))
+        except RequestError as err:
+            return error(err)
 
 
 @api.post("/classify_batch", response_model=BatchPrediction, **upload_openapi(BATCH_FORM, "Classify several images"))
 async def classify_batch(request: Request) -> Response:
     """Up to 32 images (MAX_BATCH_IMAGES) of one task in the field `images`; results come in upload order."""
-    try:
-        form = await read_form(request, BATCH_FORM)
-        return json_response(await current().classify_batch(form.text["task"], form.files))
-    except RequestError as err:
-        return error(err)
+    if refused := api_key_error(request, API_KEY_ENV):
+        return refused
+    service = current()
+    with service.serving():
+        try:
+            form = await read_form(request, BATCH_FORM)
+            return json_response(await service.classify_batch(form.text["task"], form.files))
+        except RequestError as err:
+            return error(err)
 
 
 # FastAPI documents the upload routes; Starlette serves them. They take the raw Request and return a Response,
@@ -191,6 +325,26 @@ async def models() -> Catalogue:
     return current().catalogue()
 
 
+@api.post(
+    "/admin/reload",
+    response_model=Reloaded,
+    summary="Load newly deployed champions now",
+    responses={401: {"model": ErrorMessage}, 403: {"model": ErrorMessage}},
+)
+async def reload_models(request: Request) -> Response:
+    """Swap in what `deploy` imported since the start, without a restart and without failing a request. Needs
+    the admin key ($MEDZOO_ADMIN_KEY); every worker also finds new models by itself within
+    $MEDZOO_RELOAD_INTERVAL_S seconds."""
+    if not os.environ.get(ADMIN_KEY_ENV):
+        return json_response(ErrorMessage(error=f"admin routes are off; set ${ADMIN_KEY_ENV} to use them."), 403)
+    if refused := api_key_error(request, ADMIN_KEY_ENV):
+        return refused
+    service = current()
+    changed = await asyncio.to_thread(service.reload)
+    versions = {m.task: m.info.version for m in service.catalog.models.values()}
+    return json_response(Reloaded(changed=changed, versions=versions))
+
+
 for _attribute, _model in DECLARED_MODELS.items():
     setattr(MedZoo, _attribute, _model)
 
@@ -200,8 +354,16 @@ UPLOAD_ROUTES = ["/classify", "/classify_batch"]
 # BentoML's access log line and tracing span per request cost about a fifth and a third of the classify
 # throughput (README, "Why fast"), and BentoML 1.4.39 keeps every span in memory: the access log is off and
 # the upload routes are not traced, unless MEDZOO_ACCESS_LOG=1 or MEDZOO_TRACING=1. Prometheus /metrics stays.
+if os.environ.get(HOST_ENV, LOCAL_HOST) != LOCAL_HOST and not os.environ.get(API_KEY_ENV):
+    logger.warning(
+        "serving on %s without an API key: anyone who reaches it can use it (set $%s)",
+        os.environ[HOST_ENV],
+        API_KEY_ENV,
+    )
 MedZoo = bentoml.service(
     name="medzoo",
+    # Reachable from this machine only, unless $MEDZOO_HOST (or `bentoml serve --host`) says otherwise.
+    http={"host": os.environ.get(HOST_ENV, LOCAL_HOST)},
     workers=int(os.environ.get("MEDZOO_WORKERS", os.cpu_count() or 1)),
     traffic={"timeout": 60, "concurrency": 512},
     logging={"access": {"enabled": os.environ.get("MEDZOO_ACCESS_LOG") == "1"}},

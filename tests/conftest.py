@@ -161,20 +161,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def bentoml_server(env: dict, ready_within_s: float = 120):
-    """A real `bentoml serve serving.service:MedZoo` on 127.0.0.1, ready; yields (base URL, process)."""
+    """A real `bentoml serve serving.service:MedZoo` on 127.0.0.1, ready; yields (base URL, process). Its output
+    goes to a file (``process.log_path``): a pipe nobody reads fills up and blocks the server."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1"]
+    log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
     )
+    process.log_path = Path(log.name)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_within_s
     try:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{process.stdout.read()[-4000:]}")
+                pytest.fail(f"bentoml serve exited early:\n{process.log_path.read_text()[-4000:]}")
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
@@ -190,3 +193,4 @@ def bentoml_server(env: dict, ready_within_s: float = 120):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()

@@ -170,3 +170,46 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir,
     forced = register_best("bloodmnist", force=True)
     assert (forced.version, forced.created, forced.promoted) == ("2", False, True)
     assert str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version) == "2"
+
+
+REGISTER_ONE = """
+import sys, mlflow
+from training.register import register_run
+run = mlflow.get_run(sys.argv[1])
+print(register_run(run, "bloodmnist", "best_val_auc", force=False).message)
+"""
+
+
+def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(tmp_path, synthetic_data_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, project_env
+
+    with store_with_synthetic_data(tmp_path, synthetic_data_dir) as uri:
+        client = mlflow.MlflowClient()
+        runs = {}
+        for label, score in (("better", 0.97), ("worse", 0.91)):
+            runs[label] = run_training(shrunk(epochs=1, tta="none"), progress=False).run_id
+            client.log_metric(runs[label], "best_val_auc", score)
+        env = project_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=uri)
+        # two processes per run, all at the same moment; the worse run's last
+        order = [runs["better"], runs["worse"], runs["better"], runs["worse"]]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", REGISTER_ONE, run_id],
+                env=env,
+                cwd=tmp_path,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for run_id in order
+        ]
+        for worker in workers:
+            _, stderr = worker.communicate(timeout=600)
+            assert worker.returncode == 0, stderr[-3000:]
+        versions = client.search_model_versions("name = 'medzoo-bloodmnist'")
+        assert sorted(v.tags["source_run"] for v in versions) == sorted(runs.values())  # no duplicate
+        champion = client.get_model_version_by_alias("medzoo-bloodmnist", "champion")
+        assert champion.tags["source_run"] == runs["better"]

@@ -217,3 +217,31 @@ def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
     assert csv_text.splitlines()[0].startswith("model,dataset,best_val_acc") and len(csv_text.splitlines()) == 5
     plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "plots")}
     assert plots == {"plots/accuracy_vs_train_time.png"}
+
+
+def test_a_trial_whose_worker_was_killed_is_failed_when_the_sweep_starts_again(
+    synthetic_env, mlflow_store, space_file, tmp_path
+):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    mlflow.search_experiments()
+    command = [sys.executable, "-m", "training.cli", "sweep", "--model", "cnn", "--dataset", "breastmnist"]
+    command += ["--epochs", "200", "--batch-size", "32", "--trials", "1", "--space-file", space_file]
+    command += ["--storage", storage, "--study-name", "killed", "--no-progress"]
+    worker = subprocess.Popen(command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    trial_run = None
+    while time.monotonic() < deadline and trial_run is None:
+        assert worker.poll() is None, worker.communicate()
+        running = [r for r in all_runs() if r.data.tags.get("trial") == "0"]
+        if running and "medzoo.checkpoint_epoch" in running[0].data.tags:
+            trial_run = running[0]
+        time.sleep(0.2)
+    worker.kill()  # mid-trial, without a word
+    worker.communicate(timeout=60)
+    assert mlflow.get_run(trial_run.info.run_id).info.status == "RUNNING"
+
+    result = run_sweep(base(epochs=1), 1, space_file, storage, study_name="killed")
+    states = {t.number: t.state.name for t in result.study.trials}
+    assert states == {0: "FAIL", 1: "COMPLETE"}  # the dead trial failed, the study went on
+    dead = mlflow.get_run(trial_run.info.run_id)
+    assert dead.info.status == "FAILED" and "worker died mid-trial" in dead.data.tags["medzoo.error"]

@@ -155,7 +155,11 @@ def test_a_crash_ends_the_run_failed_and_ctrl_c_killed(synthetic_env, mlflow_sto
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny(epochs=2), on_epoch_end=interrupt, progress=False)
     statuses = sorted((r.info.status, r.data.tags.get("medzoo.error", "")) for r in runs())
-    assert statuses == [("FAILED", "RuntimeError: disk full"), ("KILLED", "interrupted by the user")]
+    (failed, crash), (killed, interrupt) = statuses
+    assert (failed, killed) == ("FAILED", "KILLED")
+    assert crash.startswith("RuntimeError: disk full") and interrupt.startswith("interrupted by the user (Ctrl-C)")
+    # both stopped after a finished epoch: the reason says how to go on from it
+    assert "train --resume" in crash and "train --resume" in interrupt
     assert runs("RUNNING") == []
 
 

@@ -15,18 +15,26 @@ import argparse
 import dataclasses
 import os
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from training.config import TrainConfig
-from training.options import AUTO, OptionError, help_of, option, parse_key_values, parser_for, to_text
+from training.options import AUTO, NONE, OptionError, help_of, option, parse_key_values, parser_for, to_text
 
 DEFAULT_RECIPE = "quick"
 MODEL_OPTION_FLAG = "--model."
 ALL = "all"
 FROM_RECIPE = "from the recipe"
+
+
+@dataclass
+class ResumeOptions:
+    resume: str = option(
+        NONE, f"id of a FAILED, KILLED or orphaned run to continue from its last checkpoint ({NONE}: a new run)"
+    )
 
 
 @dataclass
@@ -178,9 +186,18 @@ def _progress(args) -> bool:
 
 
 def train(args) -> str:
-    from training.train import run_training
+    from training.train import resumption, run_training
 
-    outcome = run_training(build_training(args), progress=_progress(args))
+    resume = build(ResumeOptions, args).resume
+    if resume == NONE:
+        outcome = run_training(build_training(args), progress=_progress(args))
+    else:
+        config, state = resumption(resume)
+        # The run goes on as it was configured; only where the data lives and the device may differ now.
+        overrides = {k: getattr(args, k) for k in ("data_dir", "device") if getattr(args, k) not in (None, AUTO)}
+        config = dataclasses.replace(config, **{k: _parse(TrainConfig, k, v) for k, v in overrides.items()})
+        _tag_project_run(**{"mlflow.runName": f"resume-{resume}", "medzoo.resumes": resume})
+        outcome = run_training(config, progress=_progress(args), resume=state)
     test = outcome.test_metrics
     return (
         f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
@@ -315,7 +332,7 @@ COMMANDS = {
             "train",
             "train one model on one dataset as one MLflow run",
             train,
-            (),
+            (ResumeOptions,),
             run_name=lambda a: f"{a.model or 'recipe'}-{a.dataset or TrainConfig.dataset_default()}",
             training_excludes=(),
         ),
@@ -455,7 +472,23 @@ def _record_failure(message: str, run_name: str) -> None:
         client.set_tag(run_id, "mlflow.runName", run_name)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, a shutdown): unwinds like Ctrl-C, so runs end KILLED with the reason."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM (a job scheduler or a shutdown)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     command = COMMANDS[args.command]
@@ -470,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         _tag_project_run(**{"mlflow.runName": run_name})
     try:
         print(command.run(args))
-    except KeyboardInterrupt:
-        print("interrupted: the run was marked KILLED", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"{err or 'interrupted'}: the run was marked KILLED", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         if not is_user_error(err):
             raise

@@ -194,6 +194,23 @@ class Schedule:
         if self.timm is not None:
             self.timm.step(epoch, score)
 
+    def state_dict(self) -> dict:
+        # timm's plateau scheduler saves only part of torch's ReduceLROnPlateau it wraps: keep all of that one.
+        plateau = getattr(self.timm, "lr_scheduler", None)
+        return {
+            "onecycle": self.onecycle.state_dict() if self.onecycle is not None else None,
+            "timm": self.timm.state_dict() if self.timm is not None else None,
+            "plateau": plateau.state_dict() if plateau is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.onecycle is not None:
+            self.onecycle.load_state_dict(state["onecycle"])
+        if self.timm is not None:
+            self.timm.load_state_dict(state["timm"])
+        if state["plateau"] is not None:
+            self.timm.lr_scheduler.load_state_dict(state["plateau"])
+
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |w| over weight matrices and kernels (not biases or norm scales)."""
@@ -311,6 +328,61 @@ def train_steps(model: nn.Module, optimizer, batches: Iterable, l1: float = 0.0,
     return StepStats(seen, loss_sum / max(seen, 1), correct / max(seen, 1))
 
 
+def checkpoint_state(epoch, updates, model, ema, opt, schedule, selection, result, generators) -> dict:
+    """Everything :func:`fit` needs to go on after ``epoch`` as if it had never stopped."""
+    return {
+        "epoch": epoch,
+        "updates": updates,
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": opt.state_dict(),
+        "schedule": schedule.state_dict(),
+        "selection": {k: getattr(selection, k) for k in SELECTION_FIELDS},
+        "result": {
+            "history": [(h.epoch, h.metrics) for h in result.history],
+            "train_time": result.train_time,
+            "images_seen": result.images_seen,
+        },
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            **{name: g.get_state() for name, g in generators.items()},
+        },
+    }
+
+
+SELECTION_FIELDS = ("best_score", "best_epoch", "best_source", "state", "epochs_without_gain")
+
+
+def restore(state: dict, model, ema, opt, schedule, selection, generators) -> tuple[int, FitResult]:
+    """Put a :func:`checkpoint_state` back; returns the optimiser updates done and the result so far."""
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.module.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    for key in SELECTION_FIELDS:
+        setattr(selection, key, state["selection"][key])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    for name, generator in generators.items():
+        generator.set_state(rng[name])
+    saved = state["result"]
+    result = FitResult(
+        history=[EpochResult(epoch, metrics) for epoch, metrics in saved["history"]],
+        best_epoch=selection.best_epoch,
+        best_score=selection.best_score,
+        best_weights=selection.best_source,
+        train_time=saved["train_time"],
+        images_seen=saved["images_seen"],
+    )
+    return state["updates"], result
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -319,8 +391,15 @@ def fit(
     options: FitOptions,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = True,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; on return it holds the best weights by ``options.select_metric`` on validation."""
+    """Train ``model`` in place; on return it holds the best weights by ``options.select_metric`` on validation.
+
+    ``on_checkpoint`` receives, after every epoch, everything needed to continue (weights, EMA, optimiser,
+    schedule, random number generators, selection, history); ``resume`` is such a state: training goes on from
+    the next epoch and, on the same device, ends exactly where an uninterrupted run would.
+    """
     o, device, num_classes = options, options.device, len(class_names)
     torch.manual_seed(o.seed)
     np.random.seed(o.seed)  # timm's MixUp draws from numpy
@@ -346,8 +425,20 @@ def fit(
         schedule = Schedule(o.scheduler, opt, o.epochs, steps_per_epoch, o.warmup_epochs)
         ema = ModelEmaV3(model, decay=o.ema, use_warmup=True) if o.ema else None
         selection, result, updates = Selection(o.patience), FitResult(), 0
+        generators = {"order": order_generator, **({"augment": augmenter.generator} if augmenter else {})}
+        first_epoch = 1
+        if resume is not None:
+            updates, result = restore(resume, model, ema, opt, schedule, selection, generators)
+            first_epoch = resume["epoch"] + 1
 
-        epoch_bar = tqdm(range(1, o.epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+        epoch_bar = tqdm(
+            range(first_epoch, o.epochs + 1),
+            desc="epochs",
+            unit="epoch",
+            disable=not progress,
+            initial=first_epoch - 1,
+            total=o.epochs,
+        )
         for epoch in epoch_bar:
             started = time.perf_counter()
             model.train()
@@ -410,6 +501,10 @@ def fit(
             )
             epoch_result = EpochResult(epoch, metrics)
             result.history.append(epoch_result)
+            if on_checkpoint is not None:
+                on_checkpoint(
+                    checkpoint_state(epoch, updates, model, ema, opt, schedule, selection, result, generators)
+                )
             epoch_bar.set_postfix(
                 loss=f"{metrics['train_loss']:.3f}",
                 val_acc=f"{metrics['val_acc']:.3f}",

@@ -10,9 +10,14 @@ version becomes ``champion`` only if it beats the current champion on the same m
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
@@ -21,6 +26,8 @@ from training.config import SELECT_METRICS
 from training.data import DatasetError, check_dataset_name
 from training.export import export_run
 from training.tracking import MODEL_ARTIFACT
+
+REGISTER_LOCK_TIMEOUT_S = 1800  # an export with its parity check takes seconds; a queue of them, minutes
 
 
 class RegistrationError(ValueError):
@@ -92,17 +99,28 @@ def register_best(dataset: str, metric: str = "auc", force: bool = False) -> Reg
     return register_run(best, dataset, key, force)
 
 
+@contextlib.contextmanager
+def registry_lock(name: str):
+    """One registration of a model at a time on this machine: two `register` processes started together would
+    both find no version for the run (and add two) and both move the alias (the last, not the best, winning).
+    MLflow's registry has no compare-and-set, so a file lock keyed by registry and model serialises them."""
+    key = hashlib.sha256(f"{mlflow.get_registry_uri()}|{name}".encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"medzoo-register-{key}.lock", timeout=REGISTER_LOCK_TIMEOUT_S):
+        yield
+
+
 def register_run(run: Run, dataset: str, key: str, force: bool) -> RegistrationResult:
     client = mlflow.MlflowClient()
     name = registered_model_name(dataset)
     run_id, score = run.info.run_id, run.data.metrics[key]
-    existing = _version_of_run(client, name, run_id)
-    created = existing is None
-    if created:
-        version = _register_new_version(client, name, run)
-    else:
-        version = str(existing.version)
-    promoted, why = _gate_champion(client, name, version, key, score, force)
+    with registry_lock(name):
+        existing = _version_of_run(client, name, run_id)
+        created = existing is None
+        if created:
+            version = _register_new_version(client, name, run)
+        else:
+            version = str(existing.version)
+        promoted, why = _gate_champion(client, name, version, key, score, force)
     verb = "registered as" if created else "already registered as"
     message = f"run {run_id} ({run.data.tags.get('model')}, {key} {score:.4f}) {verb} {name} v{version}; {why}"
     return RegistrationResult(name, str(version), run_id, key, score, promoted, created, message)

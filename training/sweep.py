@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 # The study's user attribute holding its MLflow parent run.
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# A trial's worker (host, pid): a trial whose worker died is failed when a sweep starts again.
+WORKER_ATTR = "worker"
+# Optuna's heartbeat: a RUNNING trial without a beat for this long is failed by the next worker (any host).
+HEARTBEAT_S, GRACE_S = 30, 120
 
 
 @dataclass
@@ -58,7 +63,11 @@ def open_study(
         try:
             # SQLite: wait for another worker's lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():  # the heartbeat is marked experimental on every use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(
+                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                )
             return optuna.create_study(
                 study_name=name,
                 storage=rdb,
@@ -104,6 +113,7 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
     study = open_study(study_name, options.storage, pruning=options.pruning)
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, [socket.gethostname(), os.getpid()])
         config = apply(base, {d.name: d.suggest(trial) for d in dimensions})
 
         def report(epoch: EpochResult) -> None:
@@ -138,9 +148,45 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
             }
         )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for line in fail_dead_trials(study, study_name):
+            print(line, flush=True)
         study.optimize(objective, n_trials=options.trials, show_progress_bar=progress, catch=())
         _log_study(study, base)
         return SweepResult(parent.info.run_id, study, options.trials)
+
+
+def fail_dead_trials(study: optuna.Study, study_name: str) -> list[str]:
+    """Trials left RUNNING by a killed worker: FAILED in Optuna (their worker's pid is gone on this host, or
+    Optuna's heartbeat expired) and their MLflow runs FAILED with the reason. Returns what was done."""
+    from training.runs import ORPHANED, is_alive, process_state
+
+    here = socket.gethostname()
+    storage = study._storage  # Optuna's public way to change a trial's state from outside its objective
+    done = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        host, pid = trial.user_attrs.get(WORKER_ATTR, [None, None])
+        if host == here and pid and not is_alive(pid):
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():  # other hosts' dead workers, once the heartbeat's grace period is over
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    running = mlflow.search_runs(
+        experiment_ids=experiments,
+        filter_string=f"tags.sweep = '{study_name}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    for run in running:
+        trial = run.data.tags.get("trial")
+        if trial is None or not (int(trial) in failed or process_state(run) == ORPHANED):
+            continue
+        reason = f"trial {trial}'s worker died mid-trial; the trial is FAILED in the Optuna study too"
+        client.set_tag(run.info.run_id, tracking.ERROR_TAG, reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        done.append(f"marked FAILED: run {run.info.run_id} of trial {trial} (its worker died)")
+    return done
 
 
 def _first_parent(study: optuna.Study, study_name: str) -> str | None:

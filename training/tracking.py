@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,11 @@ MODEL_ARTIFACT = "model"
 PARITY_ARTIFACT = "parity/images.npy"
 PARITY_IMAGES = 64
 ERROR_TAG = "medzoo.error"
+PREVIOUS_ERROR_TAG = "medzoo.previous_error"
+HOST_TAG = "medzoo.host"
+PID_TAG = "medzoo.pid"
+CHECKPOINT_TAG = "medzoo.checkpoint"  # the slot of the last complete checkpoint (training.checkpoint)
+RESUME_HINT = "a training run goes on from its last epoch with: python -m training.cli train --resume {run_id}"
 NOTES_TAG = "medzoo.notes"
 SYSTEM_METRICS_INTERVAL_S = 5
 # MLflow 3's UI reads this experiment tag to choose its layout; unset, it opens on the GenAI overview.
@@ -54,20 +60,32 @@ def tracked_run(
         experiment_id=None if run_id else experiment_for(experiment, nested),
     )
     mark_training_experiment(run.info.experiment_id)
-    mlflow.set_tags(tags)
+    previous_error = run.data.tags.get(ERROR_TAG)
+    if run_id and previous_error:  # reopened: the old failure is history, not this attempt's outcome
+        mlflow.set_tag(PREVIOUS_ERROR_TAG, previous_error)
+        mlflow.delete_tag(ERROR_TAG)
+    # Who runs it: `python -m training.runs reap` marks runs whose process died FAILED.
+    mlflow.set_tags({**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
     # Under `mlflow run` the run already exists and start_run ignores run_name; set it explicitly.
     mlflow.set_tag("mlflow.runName", run_name)
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag(ERROR_TAG, "interrupted by the user")
+    except KeyboardInterrupt as err:
+        mlflow.set_tag(ERROR_TAG, _with_hint(str(err) or "interrupted by the user (Ctrl-C)", run.info.run_id))
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as err:
-        mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+        mlflow.set_tag(ERROR_TAG, _with_hint(f"{type(err).__name__}: {err}"[:5000], run.info.run_id))
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _with_hint(reason: str, run_id: str) -> str:
+    """The reason, and how to go on where the run left a checkpoint."""
+    if CHECKPOINT_TAG in mlflow.get_run(run_id).data.tags:
+        return f"{reason}; {RESUME_HINT.format(run_id=run_id)}"
+    return reason
 
 
 def experiment_for(name: str | None, nested: bool) -> str | None:

@@ -21,10 +21,15 @@ from sklearn.metrics import classification_report
 import zoo
 from contract import ModelCard, Preprocessing
 from training import plots, policy, tracking
+from training.checkpoint import CheckpointError, RollingCheckpoint, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.engine import EpochResult, FitOptions, FitResult, evaluate, fit, resolve_device
-from training.options import to_text
+from training.options import NONE, to_text
+
+
+class ResumeError(ConfigError):
+    """A run that cannot be resumed; the message says why and what to do."""
 
 
 @dataclass
@@ -103,8 +108,13 @@ def run_training(
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     extra_tags: dict | None = None,
     progress: bool = True,
+    resume: Resumption | None = None,
 ) -> TrainOutcome:
-    """Validate, then train and track one run. Bad values fail before any run is created."""
+    """Validate, then train and track one run. Bad values fail before any run is created.
+
+    A checkpoint is written after every epoch; ``resume`` (from :func:`resumption`) continues a stopped run in
+    that same MLflow run from its last checkpoint.
+    """
     config.validate()
     device = resolve_device(config.device)
     size, notes = input_size_for(config)
@@ -119,7 +129,8 @@ def run_training(
         **(extra_tags or {}),
     }
     run_name = f"{config.model}-{config.dataset}"
-    with tracking.tracked_run(run_name, tags, nested=nested, experiment=config.dataset) as run:
+    run_id = resume.run_id if resume else None
+    with tracking.tracked_run(run_name, tags, nested=nested, experiment=config.dataset, run_id=run_id) as run:
         started = time.perf_counter()
         dataset = load_dataset(
             config.dataset,
@@ -133,6 +144,7 @@ def run_training(
         tracking.log_new_params(
             {
                 **config.to_params(),
+                "resume": NONE,  # what `mlflow run -P resume=...` logs for a new run, so both ways log alike
                 **{f"model.{k}": to_text(v) for k, v in config.model_kwargs.items()},
                 "input_size": size,
                 "in_chans": dataset.channels,
@@ -145,7 +157,8 @@ def run_training(
                 "test_samples": len(dataset.test),
             }
         )
-        tracking.log_dataset(dataset)
+        if resume is None:
+            tracking.log_dataset(dataset)
         tracking.log_notes(notes + dataset.notes)
 
         def log_epoch(result: EpochResult) -> None:
@@ -154,10 +167,23 @@ def run_training(
                 on_epoch_end(result)
 
         options = fit_options(config, dataset, model, device)
-        mlflow.log_params(
+        tracking.log_new_params(
             {"augment_ops": to_text(options.augment) or "none", "tta_views": to_text(tta_views) or "none"}
         )
-        fit_result = fit(model, dataset.train, dataset.val, dataset.class_names, options, log_epoch, progress)
+        if resume is not None:
+            _relog_missing_epochs(run.info.run_id, resume.state)
+            mlflow.set_tag("medzoo.resumed_from_epoch", str(resume.state["epoch"]))
+        fit_result = fit(
+            model,
+            dataset.train,
+            dataset.val,
+            dataset.class_names,
+            options,
+            log_epoch,
+            progress,
+            on_checkpoint=RollingCheckpoint(run.info.run_id),
+            resume=resume.state if resume else None,
+        )
         mlflow.set_tag("selected_weights", fit_result.best_weights)
         # The final model averages the test-time views inside itself, so export and serving answer the same.
         model = zoo.TTAClassifier(model, tta_views) if tta_views else model
@@ -188,6 +214,54 @@ def run_training(
         ).with_run(run.info.run_id, {**val_metrics, **test_metrics, "n_params": n_params})
         model_info = tracking.log_model(model.cpu(), dataset.val.images[: tracking.PARITY_IMAGES], card)
         return TrainOutcome(run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
+
+
+@dataclass
+class Resumption:
+    run_id: str
+    state: dict
+
+
+RESUMABLE = ("FAILED", "KILLED")
+
+
+def resumption(run_id: str) -> tuple[TrainConfig, Resumption]:
+    """The configuration and last checkpoint of a stopped run; ResumeError says why a run cannot go on."""
+    from training.runs import process_state
+
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ResumeError(f"resume={run_id!r}: no such run in {mlflow.get_tracking_uri()}.") from None
+    status = run.info.status
+    if status == "RUNNING":
+        state = process_state(run)
+        if state != "orphaned":
+            raise ResumeError(f"resume={run_id!r}: the run is still running ({state}); stop it first.")
+    elif status not in RESUMABLE:
+        raise ResumeError(f"resume={run_id!r}: the run is {status}; only FAILED, KILLED or orphaned runs go on.")
+    if run.data.tags.get("kind", "train") != "train" or "model" not in run.data.params:
+        raise ResumeError(f"resume={run_id!r} is not a training run.")
+    try:
+        state = load_checkpoint(run_id)
+    except CheckpointError as err:
+        raise ResumeError(str(err)) from None
+    return config_from_params(run.data.params), Resumption(run_id, state)
+
+
+def config_from_params(params: dict[str, str]) -> TrainConfig:
+    """The TrainConfig a run logged (every field as text), parsed back."""
+    from training.options import parser_for
+
+    return TrainConfig(**{name: parser_for(TrainConfig, name)(params[name]) for name in TrainConfig.field_names()})
+
+
+def _relog_missing_epochs(run_id: str, state: dict) -> None:
+    """Epochs the checkpoint holds but the run lost (killed between checkpoint and logging): log them."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")}
+    for epoch, metrics in state["result"]["history"]:
+        if epoch not in logged:
+            mlflow.log_metrics(metrics, step=epoch)
 
 
 def _log_reports(config, dataset: ImageDataset, fit_result: FitResult, val_probs, test_probs) -> None:
@@ -223,3 +297,11 @@ def _log_reports(config, dataset: ImageDataset, fit_result: FitResult, val_probs
         },
         "config.json",
     )
+
+
+if __name__ == "__main__":  # python -m training.train ... is `python -m training.cli train ...`
+    import sys
+
+    from training.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

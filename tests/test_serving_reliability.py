@@ -1,0 +1,179 @@
+"""The service under abuse, over real HTTP: images it was not made for, API keys, hot model swap under load,
+graceful shutdown. One real `bentoml serve` with its own BentoML store, keys and a fast store watch."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import mlflow
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, bentoml_server, project_env, shrunk, store_with_synthetic_data
+from training.data import load_dataset
+from training.register import register_best
+from training.train import run_training
+
+pytestmark = pytest.mark.slow
+API_KEY, ADMIN_KEY = "test-key-5f1c", "admin-key-9b2e"
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def deploy(env: dict) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "training.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, synthetic_data_dir):
+    root = tmp_path_factory.mktemp("reliability")
+    with store_with_synthetic_data(root, synthetic_data_dir) as uri:
+        run_training(shrunk(epochs=1, tta="none"), progress=False)
+        register_best("bloodmnist")
+        env = project_env(MLFLOW_TRACKING_URI=uri, BENTOML_HOME=str(root / "bentoml"))
+        deploy(env)
+        server_env = {
+            **env,
+            "MEDZOO_API_KEY": API_KEY,
+            "MEDZOO_ADMIN_KEY": ADMIN_KEY,
+            "MEDZOO_RELOAD_INTERVAL_S": "0.5",
+            "MEDZOO_WORKERS": "2",
+            "MEDZOO_ACCESS_LOG": "1",  # the keys must stay out of the access log too
+        }
+        with bentoml_server(server_env) as (base, process):
+            image = load_dataset("bloodmnist", synthetic_data_dir).test.images[0].numpy().transpose(1, 2, 0)
+            yield {"base": base, "process": process, "env": env, "image": png(Image.fromarray(image))}
+
+
+def classify(base: str, image: bytes, headers=None, timeout: float = 30) -> httpx.Response:
+    return httpx.post(
+        f"{base}/classify",
+        files={"image": ("cell.png", image, "image/png")},
+        data={"task": "blood"},
+        headers=headers if headers is not None else {"Authorization": f"Bearer {API_KEY}"},
+        timeout=timeout,
+    )
+
+
+def test_prediction_routes_need_the_key_and_probes_stay_open(stack):
+    base, image = stack["base"], stack["image"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": API_KEY}):
+        refused = classify(base, image, headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", headers
+        assert "API key" in refused.json()["error"] and API_KEY not in refused.text
+    batch = httpx.post(f"{base}/classify_batch", files=[("images", ("a.png", image))], data={"task": "blood"})
+    assert batch.status_code == 401
+    assert classify(base, image).status_code == 200
+    assert classify(base, image, {"X-API-Key": API_KEY}).status_code == 200
+    for path in ("/livez", "/readyz", "/metrics", "/models"):
+        assert httpx.get(f"{base}{path}").status_code == 200, path
+    assert httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (Image.new("RGB", (1, 1), (200, 10, 10)), "it is 1x1 px"),
+        (Image.new("RGB", (10, 40), (200, 10, 10)), "it is 10x40 px"),
+        (Image.new("RGB", (28, 90), (200, 10, 10)), "its aspect ratio is 3.2:1"),
+        (Image.new("L", (28, 28), 128), "it is a grey image (mode L)"),
+        (Image.new("RGB", (28, 28), (90, 90, 90)), "it is a grey image (mode RGB)"),
+    ],
+)
+def test_images_the_model_was_not_made_for_get_a_422_saying_what_it_expects(stack, image, words):
+    response = classify(stack["base"], png(image))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "the bloodmnist model expects colour (RGB) images of at least 14x14 px" in error and words in error
+    blood = next(t for t in httpx.get(f"{stack['base']}/models").json()["tasks"] if t["task"] == "bloodmnist")
+    assert (blood["min_side"], blood["max_aspect_ratio"], blood["colour_required"]) == (14, 2.0, True)
+
+
+def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(stack):
+    base, image = stack["base"], stack["image"]
+    answers, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                response = classify(base, image)
+                answers.append((response.status_code, response.json().get("model", {}).get("version")))
+            except httpx.HTTPError as err:
+                answers.append((type(err).__name__, None))
+
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    try:
+        for _ in range(8):
+            pool.submit(load)
+        time.sleep(1)
+        # a better run, registered as champion v2, and imported into the store the server watches
+        better = run_training(shrunk(epochs=1, tta="none", seed=1), progress=False)
+        mlflow.MlflowClient().log_metric(better.run_id, "best_val_auc", 1.0)
+        assert register_best("bloodmnist").version == "2"
+        deploy(stack["env"])
+        reloaded = httpx.post(f"{base}/admin/reload", headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+        assert reloaded.status_code == 200, reloaded.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both workers: ten answers in a row from v2
+            if [v for _, v in answers[-10:]] == ["2"] * 10:
+                break
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)
+    statuses = {status for status, _ in answers}
+    versions = [v for _, v in answers]
+    assert statuses == {200}, f"failed requests during the swap: {statuses}"
+    assert versions[0] == "1" and versions[-1] == "2" and len(answers) > 50
+    served = {t["task"]: t["model"]["version"] for t in httpx.get(f"{base}/models").json()["tasks"]}
+    assert served == {"bloodmnist": "2"}
+    assert stack["process"].poll() is None
+
+
+def test_sigterm_drains_in_flight_requests_and_no_key_reaches_the_log(stack):
+    base, image, process = stack["base"], stack["image"], stack["process"]
+    outcomes, started = [], threading.Barrier(17)
+
+    def one(_):
+        started.wait()
+        try:
+            files = [("images", (f"{i}.png", image, "image/png")) for i in range(32)]
+            response = httpx.post(
+                f"{base}/classify_batch",
+                files=files,
+                data={"task": "blood"},
+                headers={"X-API-Key": API_KEY},
+                timeout=60,
+            )
+            return response.status_code
+        except httpx.ConnectError:
+            return "refused"  # arrived after the server stopped listening: never accepted, not dropped
+        except httpx.HTTPError as err:
+            return type(err).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(16)]
+        started.wait()
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in futures]
+    assert process.wait(timeout=60) is not None
+    assert set(outcomes) <= {200, "refused"} and 200 in outcomes, outcomes
+    log = process.log_path.read_text()
+    assert "path=/classify" in log  # the access log is on
+    assert API_KEY not in log and ADMIN_KEY not in log
