@@ -177,3 +177,18 @@ def test_sigterm_drains_in_flight_requests_and_no_key_reaches_the_log(stack):
     log = process.log_path.read_text()
     assert "path=/classify" in log  # the access log is on
     assert API_KEY not in log and ADMIN_KEY not in log
+
+
+def test_the_service_listens_on_localhost_unless_told_otherwise(monkeypatch):
+    import importlib
+
+    import serving.service
+
+    assert serving.service.MedZoo.config["http"]["host"] == "127.0.0.1"
+    monkeypatch.setenv("MEDZOO_HOST", "0.0.0.0")
+    opened = importlib.reload(serving.service)
+    try:
+        assert opened.MedZoo.config["http"]["host"] == "0.0.0.0"
+    finally:
+        monkeypatch.delenv("MEDZOO_HOST")
+        importlib.reload(serving.service)

@@ -202,3 +202,13 @@ def test_the_mnist_study_runs_on_synthetic_files_of_the_real_format(tmp_path, sy
     assert set(table["dataset"]) == {"mnist", "fashionmnist"} and len(table) == 10
     protocol = table[~table["configuration"].str.startswith("ours")]
     assert (protocol["test_acc_mean"] > 0.5).all()  # learnable synthetic classes; chance is 0.1
+
+
+def test_a_study_can_run_on_some_of_its_datasets():
+    study = load_study(
+        StudyOptions(name="breast-blood-classical-hybrid", seeds=[0], datasets=["breastmnist"]), probe_weights=False
+    )
+    assert {c.dataset for c in study.configurations} == {"breastmnist"} and study.datasets == ["breastmnist"]
+    assert "every run on bloodmnist (datasets=breastmnist)" in study.skipped
+    with pytest.raises(StudyError, match="lung is not a dataset of this study; it has: breastmnist, bloodmnist"):
+        load_study(StudyOptions(name="breast-blood-classical-hybrid", datasets=["lung"]), probe_weights=False)

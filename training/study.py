@@ -69,6 +69,7 @@ class StudyOptions:
     name: str = option(help="a study in configs/studies (its file name without .yaml) or a path to a study file")
     budget: str = option("quick", "quick (subsampled data, few epochs: minutes) or full (the protocol as written)")
     seeds: list = option([0, 1, 2], "comma-separated seeds; every configuration runs once per seed")
+    datasets: list = option(["all"], "comma-separated datasets of the study to run (all: every one)")
     data_dir: str = option(AUTO, "folder with the dataset files (auto: $MEDZOO_DATA_DIR, else ~/.medmnist)")
     dry_run: bool = option(False, "print the checked plan (every run, its epochs and data) and run nothing")
 
@@ -178,6 +179,13 @@ class _Parser:
             if key not in doc:
                 self.fail("top level", f"{key} is missing.")
         datasets = self._datasets("datasets", doc["datasets"])
+        chosen = [str(d) for d in self.options.datasets]
+        if chosen != ["all"]:
+            unknown = [d for d in chosen if d not in datasets]
+            if unknown:
+                self.fail(
+                    "datasets", f"{', '.join(unknown)} is not a dataset of this study; it has: {', '.join(datasets)}."
+                )
         plots = [str(p) for p in doc.get("plots") or list(PLOTS)]
         for plot in plots:
             if plot not in PLOTS:
@@ -216,6 +224,9 @@ class _Parser:
                 "no run gives the figure the original study reported (reported: 0.853, or per dataset); "
                 "a study that reported none says why in unreported_because.",
             )
+        if chosen != ["all"]:
+            skipped += [f"every run on {d} (datasets={','.join(chosen)})" for d in datasets if d not in chosen]
+            configurations = [c for c in configurations if c.dataset in chosen]
         used = sorted({c.dataset for c in configurations})
         for dataset in used:
             for seed in seeds:
