@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR  # noqa: E402
 
 from training import tracking  # noqa: E402
@@ -246,7 +247,7 @@ def bar_figure(study: Study, rows: list[Row]):
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{dataset}: reported vs ours ({study.budget} budget)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -265,6 +266,7 @@ def learning_curves_figure(study: Study, rows: list[Row]):
         ax_acc.set_ylabel("validation accuracy")
         ax_loss.set_ylabel("training loss")
         for ax in (ax_acc, ax_loss):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             ax.set_title(f"{dataset} (seed {study.seeds[0]})")
