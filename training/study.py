@@ -171,6 +171,7 @@ class _Parser:
         raise StudyError(f"study file {self.path}, {where}: {message}")
 
     def parse(self, seeds: list[int]) -> Study:
+        self.first_seed = seeds[0]
         doc = self.document
         if not isinstance(doc, dict):
             self.fail("top level", "a study is a mapping with title, datasets, budgets and runs.")
@@ -357,13 +358,14 @@ class _Parser:
             train = self._with_budget(train, budget)
             train = self._weights_or_scratch(train, config.notes)
             train.validate()
-            zoo.create_model(
-                train.model,
-                in_chans=1,
-                num_classes=2,
-                input_size=max(train.size, zoo.get_model_config(train.model).min_input_size),
-                **{k: v for k, v in train.model_options().items() if k != "pretrained"},
-            )
+            if config.seed == self.first_seed:  # the other seeds build the same network
+                zoo.create_model(
+                    train.model,
+                    in_chans=1,
+                    num_classes=2,
+                    input_size=max(train.size, zoo.get_model_config(train.model).min_input_size),
+                    **{k: v for k, v in train.model_options().items() if k != "pretrained"},
+                )
         except (ConfigError, zoo.ZooError) as err:
             self.fail(where, str(err))
         config.train = train
