@@ -83,6 +83,44 @@ def prepare(workdir: Path, env: dict) -> None:
 BOUNDARY = "medzoo-load-test-boundary"
 
 
+def deployed_stores(workdir: Path, data_dir: Path) -> dict:
+    """Throw-away MLflow and BentoML stores in ``workdir`` with a deployed champion; this process uses them too.
+    Returns the environment for the servers."""
+    env = {
+        **os.environ,
+        "MEDZOO_DATA_DIR": str(data_dir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "BENTOML_HOME": str(workdir / "bentoml"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
+    prepare(workdir, env)
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
+    return env
+
+
+def organ_test_images(data_dir: Path, count: int):
+    from training.data import load_dataset  # (after the env points at the temp stores)
+
+    return load_dataset("organamnist", data_dir).test.images[:count]
+
+
+def classify_requests(images) -> list[dict]:
+    """One multipart /classify request per image, encoded once."""
+    multipart = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return [{"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart} for img in images]
+
+
+def champion_classes(images, workdir: Path) -> np.ndarray:
+    """What the registered champion answers offline (onnxruntime): the expected class of every image."""
+    import mlflow
+    import onnxruntime as ort
+
+    local = mlflow.artifacts.download_artifacts("models:/medzoo-organamnist@champion", dst_path=str(workdir / "m"))
+    session = ort.InferenceSession(f"{local}/model.onnx")
+    return session.run(None, {session.get_inputs()[0].name: (images.float() / 255).numpy()})[0].argmax(1)
+
+
 def multipart_body(image_png: bytes, task: str) -> bytes:
     """Encoded once per image, so the load generator spends its CPU on sending, not on encoding."""
     return (
@@ -269,24 +307,9 @@ def main() -> None:
     data_dir = real_data_dir()
     with tempfile.TemporaryDirectory(prefix="medzoo-load-") as tmp:
         workdir = Path(tmp)
-        env = {
-            **os.environ,
-            "MEDZOO_DATA_DIR": str(data_dir),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-            "BENTOML_HOME": str(workdir / "bentoml"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
-        prepare(workdir, env)
-        os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
-        from training.data import load_dataset  # (after the env points at the temp stores)
-
-        test = load_dataset("organamnist", data_dir).test
-        images = test.images[: args.images]
-        multipart = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        medzoo_requests = [
-            {"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart} for img in images
-        ]
+        env = deployed_stores(workdir, data_dir)
+        images = organ_test_images(data_dir, args.images)
+        medzoo_requests = classify_requests(images)
         mlflow_requests = [
             {
                 "content": json.dumps({"inputs": (img.float() / 255).numpy()[None].tolist()}).encode(),
@@ -294,12 +317,7 @@ def main() -> None:
             }
             for img in images
         ]
-        import mlflow
-        import onnxruntime as ort
-
-        local = mlflow.artifacts.download_artifacts("models:/medzoo-organamnist@champion", dst_path=str(workdir / "m"))
-        session = ort.InferenceSession(f"{local}/model.onnx")
-        expected = session.run(None, {session.get_inputs()[0].name: (images.float() / 255).numpy()})[0].argmax(1)
+        expected = champion_classes(images, workdir)
 
         targets = [
             Target(

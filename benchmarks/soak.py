@@ -12,14 +12,22 @@ and the target is 0 errors and RSS growth under 10% from there to the end.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from common import real_data_dir, write_section
-from serve_load import BOUNDARY, ROOT, Target, multipart_body, png, prepare, run_load, tree_rss_mb
+from serve_load import (
+    ROOT,
+    Target,
+    champion_classes,
+    classify_requests,
+    deployed_stores,
+    organ_test_images,
+    run_load,
+    tree_rss_mb,
+)
 
 GROWTH_TARGET = 0.10
 
@@ -35,27 +43,10 @@ def main() -> None:
     data_dir = real_data_dir()
     with tempfile.TemporaryDirectory(prefix="medzoo-soak-") as tmp:
         workdir = Path(tmp)
-        env = {
-            **os.environ,
-            "MEDZOO_DATA_DIR": str(data_dir),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-            "BENTOML_HOME": str(workdir / "bentoml"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        print("training, registering and deploying a cnn on OrganAMNIST ...", flush=True)
-        prepare(workdir, env)
-        os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")})
-        import mlflow
-        import onnxruntime as ort
-
-        from training.data import load_dataset
-
-        images = load_dataset("organamnist", data_dir).test.images[: args.images]
-        local = mlflow.artifacts.download_artifacts("models:/medzoo-organamnist@champion", dst_path=str(workdir / "m"))
-        session = ort.InferenceSession(f"{local}/model.onnx")
-        expected = session.run(None, {session.get_inputs()[0].name: (images.float() / 255).numpy()})[0].argmax(1)
-        multipart = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        requests = [{"content": multipart_body(png(img[0].numpy()), "organ"), "headers": multipart} for img in images]
+        env = deployed_stores(workdir, data_dir)
+        images = organ_test_images(data_dir, args.images)
+        requests = classify_requests(images)
+        expected = champion_classes(images, workdir)
         target = Target(
             "MedZoo (BentoML)",
             [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1"],
