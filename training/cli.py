@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from training.backends import BackendError, check_tracking
 from training.config import TrainConfig
 from training.options import AUTO, NONE, OptionError, help_of, option, parse_key_values, parser_for, to_text
 
@@ -38,10 +39,19 @@ class ResumeOptions:
 
 
 @dataclass
+class DistributedOptions:
+    nproc: int = option(
+        1, "training processes on this machine, data-parallel (torch.distributed: gloo on CPUs, NCCL on GPUs)"
+    )
+
+
+@dataclass
 class SweepOptions:
     trials: int = option(20, "trials this worker runs (added to the study's count)")
     space_file: str = option("configs/search_spaces.yaml", "YAML search space (relative: to here, else the project)")
-    storage: str = option("sqlite:///optuna.db", "Optuna storage as an SQLAlchemy URL")
+    storage: str = option(
+        AUTO, f"Optuna storage as an SQLAlchemy URL ({AUTO}: $MEDZOO_OPTUNA_STORAGE, else sqlite:///optuna.db)"
+    )
     study_name: str = option(AUTO, f"the study's name ({AUTO}: <model>-<dataset>)")
     pruning: bool = option(True, "median pruning on the per-epoch validation metric")
 
@@ -186,9 +196,20 @@ def _progress(args) -> bool:
 
 
 def train(args) -> str:
+    from training import distributed
+    from training.engine import resolve_device
     from training.train import resumption, run_training
 
     resume = build(ResumeOptions, args).resume
+    nproc, world = build(DistributedOptions, args).nproc, distributed.current()
+    if world.distributed and nproc not in (1, world.size):
+        raise distributed.DistributedError(f"nproc={nproc}, but torchrun started {world.size} processes.")
+    if nproc > 1 and not world.distributed:  # check everything here, then run this command under torchrun
+        if resume != NONE:
+            raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
+        config = build_training(args).validate()
+        distributed.check(nproc, config.batch_size, resolve_device(config.device))
+        distributed.launch(args.argv, nproc)
     if resume == NONE:
         outcome = run_training(build_training(args), progress=_progress(args))
     else:
@@ -198,6 +219,8 @@ def train(args) -> str:
         config = dataclasses.replace(config, **{k: _parse(TrainConfig, k, v) for k, v in overrides.items()})
         _tag_project_run(**{"mlflow.runName": f"resume-{resume}", "medzoo.resumes": resume})
         outcome = run_training(config, progress=_progress(args), resume=state)
+    if outcome is None:
+        return f"rank {world.rank} of {world.size}: trained its share of every batch (rank 0 logs the run)"
     test = outcome.test_metrics
     return (
         f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
@@ -332,7 +355,7 @@ COMMANDS = {
             "train",
             "train one model on one dataset as one MLflow run",
             train,
-            (ResumeOptions,),
+            (ResumeOptions, DistributedOptions),
             run_name=lambda a: f"{a.model or 'recipe'}-{a.dataset or TrainConfig.dataset_default()}",
             training_excludes=(),
         ),
@@ -491,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS[args.command]
     try:
         args.model_options = model_options(extra) if command.trains else {}
@@ -502,7 +526,11 @@ def _main(argv: list[str] | None) -> int:
     if not command.trains:
         _tag_project_run(**{"mlflow.runName": run_name})
     try:
+        check_tracking()
         print(command.run(args))
+    except BackendError as err:  # nothing can be recorded where the store is out of reach
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         print(f"{err or 'interrupted'}: the run was marked KILLED", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130

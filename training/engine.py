@@ -23,8 +23,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
+from training import distributed
 from training.augment import Augmenter
 from training.data import Split
+from training.distributed import World
 from training.metrics import classification_metrics
 
 # Optimisers come from timm (no weight decay on norms and biases, Lion/LAMB/NAdamW); these are the ones offered.
@@ -66,6 +68,7 @@ class FitOptions:
     head_lr: float | None = None  # learning rate of the classifier head (None: lr)
     head_parameters: frozenset[str] = frozenset()  # names of the head's parameters, for head_lr
     device: str = "cpu"
+    world: World = World()  # data-parallel: this process's rank among world.size (torch.distributed)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class FitResult:
     train_time: float = 0.0
     images_seen: int = 0
     stopped_early: bool = False
+    data_parallel: dict | None = None  # how the ranks split the first epoch (distributed.coverage)
 
     @property
     def images_per_second(self) -> float:
@@ -400,15 +404,20 @@ def fit(
     schedule, random number generators, selection, history); ``resume`` is such a state: training goes on from
     the next epoch and, on the same device, ends exactly where an uninterrupted run would.
     """
-    o, device, num_classes = options, options.device, len(class_names)
-    torch.manual_seed(o.seed)
-    np.random.seed(o.seed)  # timm's MixUp draws from numpy
+    o, device, num_classes, world = options, options.device, len(class_names), options.world
+    if resume is not None and world.distributed:
+        raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
+    torch.manual_seed(o.seed)  # the same initial weights on every rank
+    np.random.seed(o.seed + world.rank)  # timm's MixUp draws from numpy
     model.to(device)
     train = Split(train.images.to(device), train.labels.to(device))
     val = Split(val.images.to(device), val.labels.to(device))
     with channels_last(model):
+        # One global batch order on every rank; each rank's own augmentation draws.
         order_generator = torch.Generator().manual_seed(o.seed)
-        augmenter = Augmenter(o.augment, torch.Generator(device=device).manual_seed(o.seed)) if o.augment else None
+        augment_generator = torch.Generator(device=device).manual_seed(o.seed + world.rank)
+        augmenter = Augmenter(o.augment, augment_generator) if o.augment else None
+        trained = nn.parallel.DistributedDataParallel(model) if world.distributed else model
         mixing = (
             Mixup(
                 mixup_alpha=o.mixup,
@@ -420,10 +429,10 @@ def fit(
             else None
         )
         weight = class_weights(train.labels, num_classes).to(device) if o.class_balance == "weighted_loss" else None
-        steps_per_epoch = len(batch_indices(torch.arange(len(train)), o.batch_size))
+        steps_per_epoch = len(distributed.rank_batches(batch_indices(torch.arange(len(train)), o.batch_size), world))
         opt = make_optimizer(o.optimizer, model, o.lr, o.weight_decay, o.head_lr, o.head_parameters)
         schedule = Schedule(o.scheduler, opt, o.epochs, steps_per_epoch, o.warmup_epochs)
-        ema = ModelEmaV3(model, decay=o.ema, use_warmup=True) if o.ema else None
+        ema = ModelEmaV3(model, decay=o.ema, use_warmup=True) if o.ema and world.is_main else None
         selection, result, updates = Selection(o.patience), FitResult(), 0
         generators = {"order": order_generator, **({"augment": augmenter.generator} if augmenter else {})}
         first_epoch = 1
@@ -435,17 +444,18 @@ def fit(
             range(first_epoch, o.epochs + 1),
             desc="epochs",
             unit="epoch",
-            disable=not progress,
+            disable=not progress or not world.is_main,
             initial=first_epoch - 1,
             total=o.epochs,
         )
         for epoch in epoch_bar:
             started = time.perf_counter()
             model.train()
-            batches = batch_indices(epoch_order(train.labels.cpu(), o.class_balance, order_generator), o.batch_size)
+            order = epoch_order(train.labels.cpu(), o.class_balance, order_generator)
+            batches = distributed.rank_batches(batch_indices(order, o.batch_size), world)
             # Sums stay on the device: a .item() per step would make every step wait for the GPU.
             seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), device=device)
-            for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress or not world.is_main):
                 index = index.to(device)
                 images, labels = train.images[index], train.labels[index]
                 x = augmenter(images) if augmenter else to_input(images)
@@ -456,7 +466,7 @@ def fit(
                     targets = nn.functional.one_hot(labels, num_classes).float()
                     targets = targets * (1 - o.label_smoothing) + o.label_smoothing / num_classes
                 with autocast(device):
-                    logits = model(x)
+                    logits = trained(x)
                 loss = soft_cross_entropy(logits, targets, weight)
                 objective = loss + o.l1 * l1_penalty(model) if o.l1 > 0 else loss
                 opt.zero_grad(set_to_none=True)
@@ -471,55 +481,66 @@ def fit(
                 seen += len(labels)
                 loss_sum += loss.detach() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
-            loss_sum, correct = loss_sum.item(), correct.item()
+            if world.distributed and result.data_parallel is None:
+                result.data_parallel = distributed.coverage(torch.cat(batches), len(train), world)
+            seen, loss_sum, correct = distributed.all_sum(torch.tensor(seen), loss_sum, correct)
+            seen = int(seen)
             train_seconds = time.perf_counter() - started
             result.train_time += train_seconds
             result.images_seen += seen
 
-            val_metrics, _ = evaluate(model, val, class_names, "val")
-            metrics = {
-                "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                **val_metrics,
-                "lr": opt.param_groups[-1]["lr"],
-                "train_images_per_sec": seen / train_seconds,
-            }
-            scores = {"raw": metrics[o.select_metric]}
-            if ema is not None:
-                ema_metrics, _ = evaluate(ema.module, val, class_names, "val")
-                metrics.update(
-                    {f"ema_{k}": v for k, v in ema_metrics.items() if k in ("val_acc", "val_auc", "val_loss")}
+            # Rank 0 evaluates, selects, checkpoints and decides; the other ranks follow its score and decision.
+            raw_score, stop = math.nan, False
+            if world.is_main:
+                val_metrics, _ = evaluate(model, val, class_names, "val")
+                metrics = {
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_acc": correct / max(seen, 1),
+                    **val_metrics,
+                    "lr": opt.param_groups[-1]["lr"],
+                    "train_images_per_sec": seen / train_seconds,
+                }
+                scores = {"raw": metrics[o.select_metric]}
+                if ema is not None:
+                    ema_metrics, _ = evaluate(ema.module, val, class_names, "val")
+                    metrics.update(
+                        {f"ema_{k}": v for k, v in ema_metrics.items() if k in ("val_acc", "val_auc", "val_loss")}
+                    )
+                    scores["ema"] = ema_metrics[o.select_metric]
+                metrics["epoch_time"] = time.perf_counter() - started
+                schedule.after_epoch(epoch, scores["raw"])
+                selection.update(epoch, scores, lambda source: (ema.module if source == "ema" else model).state_dict())
+                result.best_epoch, result.best_score, result.best_weights = (
+                    selection.best_epoch,
+                    selection.best_score,
+                    selection.best_source,
                 )
-                scores["ema"] = ema_metrics[o.select_metric]
-            metrics["epoch_time"] = time.perf_counter() - started
-            schedule.after_epoch(epoch, scores["raw"])
-            selection.update(epoch, scores, lambda source: (ema.module if source == "ema" else model).state_dict())
-            result.best_epoch, result.best_score, result.best_weights = (
-                selection.best_epoch,
-                selection.best_score,
-                selection.best_source,
-            )
-            epoch_result = EpochResult(epoch, metrics)
-            result.history.append(epoch_result)
-            if on_checkpoint is not None:
-                on_checkpoint(
-                    checkpoint_state(epoch, updates, model, ema, opt, schedule, selection, result, generators)
+                epoch_result = EpochResult(epoch, metrics)
+                result.history.append(epoch_result)
+                if on_checkpoint is not None:
+                    on_checkpoint(
+                        checkpoint_state(epoch, updates, model, ema, opt, schedule, selection, result, generators)
+                    )
+                epoch_bar.set_postfix(
+                    loss=f"{metrics['train_loss']:.3f}",
+                    val_acc=f"{metrics['val_acc']:.3f}",
+                    val_auc=f"{metrics['val_auc']:.3f}",
+                    best=f"{selection.best_epoch}{'e' if selection.best_source == 'ema' else ''}",
                 )
-            epoch_bar.set_postfix(
-                loss=f"{metrics['train_loss']:.3f}",
-                val_acc=f"{metrics['val_acc']:.3f}",
-                val_auc=f"{metrics['val_auc']:.3f}",
-                best=f"{selection.best_epoch}{'e' if selection.best_source == 'ema' else ''}",
-            )
-            if on_epoch_end is not None:
-                try:
-                    on_epoch_end(epoch_result)
-                except StopTraining:
-                    result.stopped_early = True
-                    break
-            if selection.exhausted:
+                if on_epoch_end is not None:
+                    try:
+                        on_epoch_end(epoch_result)
+                    except StopTraining:
+                        stop = True
+                stop = stop or selection.exhausted
+                raw_score = scores["raw"]
+            raw_score, stop = distributed.from_main(raw_score, float(stop))
+            if not world.is_main:
+                schedule.after_epoch(epoch, raw_score)
+            if stop:
                 result.stopped_early = True
                 break
 
-        model.load_state_dict(selection.state)
+        if world.is_main:
+            model.load_state_dict(selection.state)
         return result

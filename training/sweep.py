@@ -4,14 +4,16 @@
     python -m training.cli sweep --model cnn --dataset breastmnist --trials 10 --storage sqlite:///optuna.db
 
 TPE samples the search space in ``configs/search_spaces.yaml``; a median pruner stops trials whose
-per-epoch validation metric trails the others. The study lives in ``storage`` (SQLite by default, any
-SQLAlchemy URL such as PostgreSQL): running the same command again resumes it, and several workers started
-with the same command share it. The study remembers its MLflow parent run: every later worker nests its
-trials under that first parent.
+per-epoch validation metric trails the others. The study lives in ``storage`` ($MEDZOO_OPTUNA_STORAGE or a
+local SQLite file by default, any SQLAlchemy URL such as PostgreSQL): running the same command again resumes
+it, and several workers started with the same command, on one machine or several, share it. The study
+remembers its MLflow parent run: every later worker nests its trials under that first parent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import random
 import socket
@@ -24,7 +26,7 @@ import mlflow
 import optuna
 
 import zoo
-from training import tracking
+from training import backends, tracking
 from training.config import ConfigError, TrainConfig
 from training.data import dataset_info
 from training.engine import EpochResult, StopTraining
@@ -110,7 +112,9 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
             for choice in dimension.choices:
                 check_buildable(apply(base, {dimension.name: choice}).validate())
     study_name = base.model + "-" + base.dataset if options.study_name == AUTO else options.study_name
-    study = open_study(study_name, options.storage, pruning=options.pruning)
+    storage = backends.optuna_storage(options.storage)
+    backends.check_database(storage, "the Optuna storage")
+    study = open_study(study_name, storage, pruning=options.pruning)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, [socket.gethostname(), os.getpid()])
@@ -135,13 +139,19 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
         return outcome.fit.best_score
 
     tags = {"sweep": study_name, "model": base.model, "sweep_dataset": base.dataset}
-    parent_id = _first_parent(study, study_name)
-    with tracking.tracked_run(f"sweep-{study_name}", tags, run_id=parent_id, experiment=base.dataset) as parent:
-        study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
+    with contextlib.ExitStack() as parent_scope:
+        # Workers started together: one at a time finds the study's parent or opens it, so all share the first.
+        with study_lock(storage, study_name):
+            parent = parent_scope.enter_context(
+                tracking.tracked_run(
+                    f"sweep-{study_name}", tags, run_id=_first_parent(study, study_name), experiment=base.dataset
+                )
+            )
+            study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
         tracking.log_new_params(
             {
                 "study_name": study_name,
-                "storage": _redact(options.storage),
+                "storage": backends.masked(storage),
                 "space_file": options.space_file,
                 "pruning": str(options.pruning).lower(),
                 **{f"base_{k}": v for k, v in base.to_params().items()},
@@ -153,6 +163,37 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
         study.optimize(objective, n_trials=options.trials, show_progress_bar=progress, catch=())
         _log_study(study, base)
         return SweepResult(parent.info.run_id, study, options.trials)
+
+
+@contextlib.contextmanager
+def study_lock(storage: str, study_name: str, timeout_s: int = 600):
+    """A lock named after the study, held in its storage: PostgreSQL's advisory lock or MySQL's GET_LOCK for
+    workers on several machines, a file beside an SQLite storage for workers on one. Optuna has no such lock."""
+    import sqlalchemy
+
+    key = hashlib.sha256(f"medzoo-sweep|{study_name}".encode()).digest()
+    if storage.startswith("sqlite"):
+        from filelock import FileLock
+
+        path = sqlalchemy.engine.make_url(storage).database or "optuna"
+        with FileLock(f"{path}.{key.hex()[:12]}.lock", timeout=timeout_s):
+            yield
+        return
+    if storage.startswith("postgresql"):
+        take, give = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
+        key_value = int.from_bytes(key[:8], "big", signed=True)
+    elif storage.startswith("mysql"):
+        take, give = f"SELECT GET_LOCK(:key, {timeout_s})", "SELECT RELEASE_LOCK(:key)"
+        key_value = key.hex()[:32]
+    else:
+        raise ConfigError(f"storage={backends.masked(storage)!r}: sweeps take SQLite, PostgreSQL or MySQL storages.")
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(take), {"key": key_value})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text(give), {"key": key_value})
 
 
 def fail_dead_trials(study: optuna.Study, study_name: str) -> list[str]:
@@ -208,14 +249,6 @@ def _run_exists(run_id: str) -> bool:
         return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
-
-
-def _redact(url: str) -> str:
-    """Keep passwords of database URLs out of the tracking store."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _log_study(study: optuna.Study, base: TrainConfig) -> None:

@@ -20,10 +20,11 @@ from sklearn.metrics import classification_report
 
 import zoo
 from contract import ModelCard, Preprocessing
-from training import plots, policy, tracking
+from training import distributed, plots, policy, tracking
 from training.checkpoint import CheckpointError, RollingCheckpoint, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, load_dataset
+from training.distributed import World
 from training.engine import EpochResult, FitOptions, FitResult, evaluate, fit, resolve_device
 from training.options import NONE, to_text
 
@@ -74,7 +75,9 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[torch.nn.Mo
     return zoo.NormalizedClassifier(backbone, mean, std), preprocessing
 
 
-def fit_options(config: TrainConfig, dataset: ImageDataset, model: torch.nn.Module, device: str) -> FitOptions:
+def fit_options(
+    config: TrainConfig, dataset: ImageDataset, model: torch.nn.Module, device: str, world: World = World()
+) -> FitOptions:
     """The engine's settings for this run: the config with dataset-dependent choices (augmentation) resolved."""
     return FitOptions(
         epochs=config.epochs,
@@ -98,7 +101,26 @@ def fit_options(config: TrainConfig, dataset: ImageDataset, model: torch.nn.Modu
         head_lr=config.head_lr,
         head_parameters=zoo.head_parameter_names(model.backbone, prefix="backbone."),
         device=device,
+        world=world,
     )
+
+
+def _load(config: TrainConfig, size: int) -> ImageDataset:
+    return load_dataset(
+        config.dataset,
+        config.data_path,
+        size=size,
+        max_train_samples=config.max_train_samples or None,
+        seed=config.seed,
+    )
+
+
+def _train_share(config: TrainConfig, device: str, world: World) -> None:
+    """A rank other than 0: the same data and model, its share of every batch, nothing logged."""
+    dataset = _load(config, input_size_for(config)[0])
+    model, _ = build_model(config, dataset)
+    options = fit_options(config, dataset, model, device, world)
+    fit(model, dataset.train, dataset.val, dataset.class_names, options, progress=False)
 
 
 def run_training(
@@ -109,14 +131,24 @@ def run_training(
     extra_tags: dict | None = None,
     progress: bool = True,
     resume: Resumption | None = None,
-) -> TrainOutcome:
+) -> TrainOutcome | None:
     """Validate, then train and track one run. Bad values fail before any run is created.
 
     A checkpoint is written after every epoch; ``resume`` (from :func:`resumption`) continues a stopped run in
-    that same MLflow run from its last checkpoint.
+    that same MLflow run from its last checkpoint. Under torchrun every rank calls this: rank 0 trains and logs
+    the run, the others train their share and return None.
     """
     config.validate()
     device = resolve_device(config.device)
+    world = distributed.current()
+    distributed.check(world.size, config.batch_size, device)
+    if resume is not None and world.distributed:
+        raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
+    distributed.setup(world, device)
+    if not world.is_main:
+        _train_share(config, device, world)
+        distributed.teardown()
+        return None
     size, notes = input_size_for(config)
     tta_views = policy.resolve_tta(config.tta, config.dataset)
     torch.manual_seed(config.seed)
@@ -132,19 +164,14 @@ def run_training(
     run_id = resume.run_id if resume else None
     with tracking.tracked_run(run_name, tags, nested=nested, experiment=config.dataset, run_id=run_id) as run:
         started = time.perf_counter()
-        dataset = load_dataset(
-            config.dataset,
-            config.data_path,
-            size=size,
-            max_train_samples=config.max_train_samples or None,
-            seed=config.seed,
-        )
+        dataset = _load(config, size)
         model, preprocessing = build_model(config, dataset)
         n_params = sum(p.numel() for p in model.parameters())
         tracking.log_new_params(
             {
                 **config.to_params(),
                 "resume": NONE,  # what `mlflow run -P resume=...` logs for a new run, so both ways log alike
+                "nproc": world.size,
                 **{f"model.{k}": to_text(v) for k, v in config.model_kwargs.items()},
                 "input_size": size,
                 "in_chans": dataset.channels,
@@ -166,7 +193,7 @@ def run_training(
             if on_epoch_end is not None:
                 on_epoch_end(result)
 
-        options = fit_options(config, dataset, model, device)
+        options = fit_options(config, dataset, model, device, world)
         tracking.log_new_params(
             {"augment_ops": to_text(options.augment) or "none", "tta_views": to_text(tta_views) or "none"}
         )
@@ -184,6 +211,9 @@ def run_training(
             on_checkpoint=RollingCheckpoint(run.info.run_id),
             resume=resume.state if resume else None,
         )
+        distributed.teardown()
+        if fit_result.data_parallel is not None:
+            tracking.log_json(fit_result.data_parallel, "distributed.json")
         mlflow.set_tag("selected_weights", fit_result.best_weights)
         # The final model averages the test-time views inside itself, so export and serving answer the same.
         model = zoo.TTAClassifier(model, tta_views) if tta_views else model
