@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import ROOT, project_env, shrunk
 from training.cli import SweepOptions
 from training.config import ConfigError
-from training.sweep import PARENT_RUN_ATTR
 from training.sweep import run_sweep as run_sweep_with_options
 
 pytestmark = pytest.mark.slow
@@ -141,17 +140,7 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
             command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
-    first = start()
-    # The second worker joins once the first has opened the study's parent run, as a later worker would.
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and first.poll() is None:
-        try:
-            if PARENT_RUN_ATTR in optuna.load_study(study_name="shared", storage=storage).user_attrs:
-                break
-        except KeyError:
-            pass
-        time.sleep(0.2)
-    workers = [first, start()]
+    workers = [start(), start()]  # at the same time: the study lock lets one open the parent, the other joins it
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-3000:]
