@@ -64,7 +64,10 @@ tracking_uri() { echo "http://$CLIENT_HOST:$MLFLOW_PORT"; }
 
 pg_running() { [[ -d "$PG_DATA" ]] && as_pg "$(pg_bindir)/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; }
 mlflow_pid() { [[ -f "$MLFLOW_PID" ]] && kill -0 "$(cat "$MLFLOW_PID")" 2>/dev/null && cat "$MLFLOW_PID"; }
-mlflow_healthy() { curl -fsS --max-time 2 "$(tracking_uri)/health" >/dev/null 2>&1; }
+mlflow_healthy() {
+  "$(dirname "$(mlflow_bin)")/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "$(tracking_uri)/health" >/dev/null 2>&1
+}
 
 init_pg() {
   local bindir="$1" password
