@@ -202,7 +202,7 @@ def train(args) -> str:
 
     resume = build(ResumeOptions, args).resume
     nproc, world = build(DistributedOptions, args).nproc, distributed.current()
-    distributed.check(nproc, 2 * nproc, "cpu")  # the count alone; the batch and device once the config is known
+    distributed.check_count(nproc)
     if world.distributed and nproc not in (1, world.size):
         raise distributed.DistributedError(f"nproc={nproc}, but torchrun started {world.size} processes.")
     if nproc > 1 and not world.distributed:  # check everything here, then run this command under torchrun

@@ -7,6 +7,10 @@
 Every rank holds the same model and takes its share of each global batch (``batch_size`` stays the global
 batch); DistributedDataParallel averages the gradients. Rank 0 alone evaluates, selects, checkpoints and logs
 the one MLflow run; the other ranks train and follow its decisions (stop, plateau score).
+
+Not torch's DistributedSampler: it samples for a DataLoader, and the engine indexes in-memory uint8 tensors by
+batch instead (benchmarks/train_throughput.py: several times the DataLoader pipeline's images/s). Splitting each
+global batch also keeps every step's images those of a one-process run with the same seed.
 """
 
 from __future__ import annotations
@@ -50,10 +54,14 @@ def current() -> World:
     )
 
 
-def check(world_size: int, batch_size: int, device: str) -> None:
-    """Refuse what cannot run before any process or run is started."""
+def check_count(world_size: int) -> None:
     if world_size < 1:
         raise DistributedError(f"nproc={world_size} must be >= 1.")
+
+
+def check(world_size: int, batch_size: int, device: str) -> None:
+    """Refuse what cannot run before any process or run is started."""
+    check_count(world_size)
     if world_size > 1 and batch_size < 2 * world_size:
         raise DistributedError(
             f"batch_size={batch_size} is the global batch: with nproc={world_size} each process needs at least 2 "
