@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 import optuna
 import pytest
 import torch
@@ -133,6 +134,17 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
     assert config["config"]["model"] == "cnn"
     assert list((on_stack.folder / "artifacts").rglob("config.json"))
     assert list(worker_dir.iterdir()) == []
+
+    exported = subprocess.run(
+        [sys.executable, "-m", "training.cli", "export", "--run-id", child.info.run_id, "--output", "model.onnx"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "0 of 64 images with a different predicted class" in exported.stdout
+    assert ort.InferenceSession(str(tmp_path / "model.onnx")).get_inputs()[0].name == "pixels"
 
     registered = subprocess.run(
         [sys.executable, "-m", "training.cli", "register", "--dataset", "breastmnist", "--metric", "acc"],

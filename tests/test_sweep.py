@@ -8,7 +8,7 @@ import mlflow
 import optuna
 import pytest
 
-from tests.conftest import ROOT, project_env, shrunk
+from tests.conftest import project_env, shrunk
 from training.cli import SweepOptions
 from training.config import ConfigError
 from training.sweep import run_sweep as run_sweep_with_options
@@ -137,7 +137,7 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
 
     def start():
         return subprocess.Popen(
-            command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, cwd=tmp_path, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
     workers = [start(), start()]  # at the same time: the study lock lets one open the parent, the other joins it
@@ -216,7 +216,7 @@ def test_a_trial_whose_worker_was_killed_is_failed_when_the_sweep_starts_again(
     command = [sys.executable, "-m", "training.cli", "sweep", "--model", "cnn", "--dataset", "breastmnist"]
     command += ["--epochs", "200", "--batch-size", "32", "--trials", "1", "--space-file", space_file]
     command += ["--storage", storage, "--study-name", "killed", "--no-progress"]
-    worker = subprocess.Popen(command, cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker = subprocess.Popen(command, cwd=tmp_path, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     trial_run = None
     while time.monotonic() < deadline and trial_run is None:
