@@ -32,7 +32,6 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    local_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -50,7 +49,6 @@ def current() -> World:
         rank=int(env.get("RANK", 0)),
         size=int(env.get("WORLD_SIZE", 1)),
         local_rank=int(env.get("LOCAL_RANK", 0)),
-        local_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
     )
 
 
