@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                                   # quick and best, every dataset file present
     python benchmarks/accuracy.py --recipes quick --datasets breastmnist --seeds 0
     python benchmarks/accuracy.py --recipes best --device cuda --jobs 3        # on a GPU machine
+    python benchmarks/accuracy.py --recipes quick --datasets breastmnist --rerun  # again, after a code change
 
 Each (recipe, dataset, seed, device) is one real `python -m training.cli train` run into a private MLflow store
 (outputs/accuracy/); selection uses the validation split and the test split is read once per run. A finished
@@ -64,11 +65,20 @@ def fingerprint(recipe: str, dataset: str) -> str:
 
 
 def finished() -> list[dict]:
-    """The results of the recipes as they are now (older results stay in the file, out of the table)."""
+    """The results of the recipes as they are now (older results stay in the file, out of the table); of a case
+    run again (``--rerun``), the latest."""
     if not RESULTS_FILE.exists():
         return []
     rows = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("fingerprint") == fingerprint(r["recipe"], r["dataset"])]
+    current = [r for r in rows if r.get("fingerprint") == fingerprint(r["recipe"], r["dataset"])]
+    latest = {(r["recipe"], r["dataset"], r["seed"], device_of(r)): r for r in current}
+    return list(latest.values())
+
+
+def commit() -> str:
+    """The code a result was measured with (rows before this field was kept have none)."""
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
 
 
 def device_name(device: str) -> str:
@@ -123,6 +133,7 @@ def run_case(recipe: str, dataset: str, seed: int, data_dir: Path, device: str) 
         "seed": seed,
         "device": device_name(device),
         "fingerprint": fingerprint(recipe, dataset),
+        "commit": commit(),
         "run_id": run_id,
         **{k: metrics[k] for k in METRICS if k in metrics},
         "process_time": wall,
@@ -170,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--jobs", type=int, default=1, help="cases run at once (GPU machines; times then overlap)")
+    parser.add_argument("--rerun", action="store_true", help="run the chosen cases again (the latest result counts)")
     args = parser.parse_args()
     data_dir = real_data_dir()
     datasets = [
@@ -179,7 +191,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     create_store()
     device = device_name(args.device)
-    done = {(r["recipe"], r["dataset"], r["seed"]) for r in finished() if device_of(r) == device}
+    done = {(r["recipe"], r["dataset"], r["seed"]) for r in finished() if device_of(r) == device and not args.rerun}
     todo = [(r, d, s) for r in recipes for d in datasets for s in seeds if (r, d, s) not in done]
     print(f"{len(done)} cases already finished on {device}; {len(todo)} to run", flush=True)
     lock = threading.Lock()
