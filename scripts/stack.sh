@@ -11,7 +11,9 @@
 #
 # Settings (environment): MEDZOO_STACK_DIR (default: .stack in the checkout), MEDZOO_STACK_HOST (the address
 # both listen on, default 127.0.0.1; 0.0.0.0 for other machines, see the README), MEDZOO_PG_PORT (5433),
-# MEDZOO_MLFLOW_PORT (5005), MEDZOO_MLFLOW_WORKERS (2). The database password is generated on first use and
+# MEDZOO_MLFLOW_PORT (5005), MEDZOO_MLFLOW_WORKERS (2), MEDZOO_MLFLOW_ALLOWED_HOSTS (the Host headers the server
+# accepts, e.g. db-host,db-host:5005 for workers that name it; unset: MLflow's default, localhost and private IPs;
+# set: these and loopback). The database password is generated on first use and
 # kept in $MEDZOO_STACK_DIR/pgpass (libpq's password file), so no URL, log or MLflow param carries it.
 set -euo pipefail
 
@@ -21,6 +23,7 @@ HOST="${MEDZOO_STACK_HOST:-127.0.0.1}"
 PG_PORT="${MEDZOO_PG_PORT:-5433}"
 MLFLOW_PORT="${MEDZOO_MLFLOW_PORT:-5005}"
 MLFLOW_WORKERS="${MEDZOO_MLFLOW_WORKERS:-2}"
+ALLOWED_HOSTS="${MEDZOO_MLFLOW_ALLOWED_HOSTS:-}"
 DB_USER=medzoo
 PG_DATA="$STACK_DIR/pg"
 PG_RUN="$STACK_DIR/pg-run"  # its socket and its log, both written by the postgres user
@@ -111,11 +114,14 @@ up() {
   done
   if ! mlflow_pid >/dev/null; then
     mkdir -p "$ARTIFACTS"
+    local extra=()
+    # A list replaces MLflow's default (localhost and private IPs): keep loopback, which this machine's workers use.
+    [[ -n "$ALLOWED_HOSTS" ]] && extra=(--allowed-hosts "$ALLOWED_HOSTS,localhost,localhost:*,127.0.0.1,127.0.0.1:*")
     # setsid: the server outlives this shell and stops as one process group.
     setsid "$(mlflow_bin)" server \
       --backend-store-uri "$(pg_url mlflow)" \
       --artifacts-destination "$ARTIFACTS" \
-      --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
+      --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${extra[@]}" \
       >"$MLFLOW_LOG" 2>&1 < /dev/null &
     echo $! > "$MLFLOW_PID"
   fi
