@@ -227,7 +227,9 @@ def write_results() -> None:
         "fewer than 3 seeds is marked partial. GPU rows (bfloat16 autocast) show what the same recipe reaches there; "
         "their times are not the CPU budget's. (shared CPU): other work ran on the same 2 cores during these runs "
         "(marked `shared_cpu` in the results file), so their times are upper bounds.\n"
-        "Reproduce: `python benchmarks/accuracy.py` (resumable; `--recipes/--datasets/--seeds` pick a subset). "
+        "Reproduce: `python benchmarks/accuracy.py` (resumable; `--recipes/--datasets/--seeds` pick a subset; "
+        "`--rerun` measures cases again after a code change, the latest row counting; new rows record their "
+        "commit). "
         "Targets: `quick` above MedMNIST v2 ResNet-18 (28) on all three datasets in at most 5 minutes each; `best` "
         ">= 0.950 / 0.980 / 0.895 on OrganAMNIST / BloodMNIST / BreastMNIST within 30 minutes each.\n\n" + table(rows)
     )

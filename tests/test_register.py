@@ -213,3 +213,22 @@ def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(t
         assert sorted(v.tags["source_run"] for v in versions) == sorted(runs.values())  # no duplicate
         champion = client.get_model_version_by_alias("medzoo-bloodmnist", "champion")
         assert champion.tags["source_run"] == runs["better"]
+
+
+def test_onnx_probabilities_of_a_split_larger_than_one_call_match_one_pass(tmp_path):
+    """A split is scored in bounded calls (whole OrganAMNIST splits at once ran out of memory), same numbers."""
+    from training.export import ONNX_IMAGES_PER_CALL, onnx_probabilities
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1 * 28 * 28, 5)).eval()
+    path = tmp_path / "linear.onnx"
+    example = torch.rand(2, 1, 28, 28)
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, input_names=["pixels"], dynamic_axes={"pixels": {0: "n"}}
+    )
+    images = torch.rand(2 * ONNX_IMAGES_PER_CALL + 3, 1, 28, 28)
+    probabilities = onnx_probabilities(onnx.load(str(path)), images.numpy())
+    with torch.no_grad():
+        expected = model(images).softmax(1).numpy()
+    assert probabilities.shape == (len(images), 5)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
