@@ -99,7 +99,7 @@ def test_stack_reports_its_state_and_keeps_the_password_out_of_urls(stack):
     assert oct(Path(stack.env["PGPASSFILE"]).stat().st_mode & 0o777) == "0o600"
 
 
-def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_server(on_stack, tmp_path):
+def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_server(on_stack, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     worker_dir = tmp_path / "worker"  # a worker's own folder: nothing may land there
@@ -136,25 +136,11 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
     assert list((on_stack.folder / "artifacts").rglob("config.json"))
     assert list(worker_dir.iterdir()) == []
 
-    exported = subprocess.run(
-        [sys.executable, "-m", "training.cli", "export", "--run-id", child.info.run_id, "--output", "model.onnx"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert re.search(r"parity: .*, 0 of \d+ images with a different predicted class", exported.stdout)
+    # Export and register as a worker would, in this process (each a subprocess costs a start-up).
+    assert main(["export", "--run-id", child.info.run_id, "--output", str(tmp_path / "model.onnx")]) == 0
+    assert re.search(r"parity: .*, 0 of \d+ images with a different predicted class", capsys.readouterr().out)
     assert ort.InferenceSession(str(tmp_path / "model.onnx")).get_inputs()[0].name == "pixels"
-
-    registered = subprocess.run(
-        [sys.executable, "-m", "training.cli", "register", "--dataset", "breastmnist", "--metric", "acc"],
-        cwd=worker_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert registered.returncode == 0, registered.stderr[-3000:]
+    assert main(["register", "--dataset", "breastmnist", "--metric", "acc"]) == 0
     champion = mlflow.MlflowClient().get_model_version_by_alias("medzoo-breastmnist", "champion")
     assert champion.run_id in {r.info.run_id for r in children}
 
@@ -225,29 +211,28 @@ def test_bad_data_parallel_settings_fail_before_any_run(argv, message, synthetic
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_unreachable_stores_are_named_with_the_password_masked(synthetic_env, mlflow_store, tmp_path):
+def test_unreachable_stores_are_named_with_the_password_masked(synthetic_env, mlflow_store, capsys):
     closed = free_port()
-    train = [sys.executable, "-m", "training.cli", "train", "--dataset", "breastmnist", "--epochs", "1"]
+    train = ["train", "--dataset", "breastmnist", "--epochs", "1"]
+    sweep = ["sweep", "--model", "cnn", "--dataset", "breastmnist"]
     cases = [
-        ({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed}"}, train, f"tracking server http://127.0.0.1:{closed}"),
+        (f"http://127.0.0.1:{closed}", train, f"tracking server http://127.0.0.1:{closed} cannot be reached"),
         (
-            {"MLFLOW_TRACKING_URI": f"postgresql://medzoo:s3cret-pw@127.0.0.1:{closed}/mlflow"},
+            f"postgresql://medzoo:s3cret-pw@127.0.0.1:{closed}/mlflow",
             train,
             f"tracking store postgresql://medzoo:***@127.0.0.1:{closed}/mlflow cannot be reached",
         ),
         (
-            {},
-            [
-                *(sys.executable, "-m", "training.cli", "sweep", "--model", "cnn", "--dataset", "breastmnist"),
-                *("--storage", f"postgresql://medzoo:s3cret-pw@127.0.0.1:{closed}/optuna"),
-            ],
+            mlflow_store,
+            [*sweep, "--storage", f"postgresql://medzoo:s3cret-pw@127.0.0.1:{closed}/optuna"],
             f"Optuna storage postgresql://medzoo:***@127.0.0.1:{closed}/optuna cannot be reached",
         ),
     ]
-    for extra_env, command, message in cases:
-        failed = subprocess.run(command, cwd=tmp_path, env=project_env(**extra_env), capture_output=True, text=True)
-        assert failed.returncode == 2, failed.stderr[-3000:]
-        assert message in failed.stderr and "s3cret-pw" not in failed.stderr + failed.stdout
-        assert "Traceback" not in failed.stderr
+    for tracking_uri, argv, message in cases:
+        mlflow.set_tracking_uri(tracking_uri)
+        assert main(argv) == 2
+        printed = capsys.readouterr()
+        assert message in printed.err and "s3cret-pw" not in printed.err + printed.out
     # Nothing was half-created in the store that was reachable.
+    mlflow.set_tracking_uri(mlflow_store)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
