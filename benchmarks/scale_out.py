@@ -8,7 +8,7 @@
 Rounds alternate the variants; the table gives medians and the ratio to the 1-process baseline. Every finished
 case is kept in ``benchmarks/scale_out_results.jsonl``; a rerun skips those (``--fresh`` starts over).
 
-    python benchmarks/scale_out.py [--rounds 2] [--trials 8] [--train-epochs 2]
+    python benchmarks/scale_out.py [--rounds 3] [--trials 8] [--train-epochs 2]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def table(results: dict[str, dict], rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8, help="trials per sweep case (even)")
     parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="forget the kept results")
