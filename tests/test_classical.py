@@ -199,6 +199,25 @@ def test_ensemble_weights_are_chosen_on_validation_alone(runs, ensemble):
     assert "plots/members.png" in artifacts(ensemble.run_id, "plots")
 
 
+def test_auto_weights_fall_back_to_equal_where_the_log_loss_optimum_classifies_validation_worse():
+    from training.ensemble import log_loss_weights, validation_weights
+
+    labels = np.array([0, 0, 0, 1])
+    # A is confident and wrong on one image; B is right on all four but never confident
+    a = np.array([[0.99, 0.01], [0.99, 0.01], [0.99, 0.01], [0.6, 0.4]])
+    b = np.array([[0.55, 0.45], [0.55, 0.45], [0.55, 0.45], [0.45, 0.55]])
+    fitted = log_loss_weights([a, b], labels)
+    assert fitted[0] > 0.5  # the log-loss optimum leans on the confident member...
+    fused = fitted[0] * a + fitted[1] * b
+    assert (fused.argmax(1) == labels).mean() == 0.75  # ...which misclassifies the last image; equal weights do not
+    assert validation_weights([a, b], labels) == [0.5, 0.5]
+    # where the optimum classifies more of the validation split right, it is kept
+    c = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])
+    d = np.array([[0.05, 0.95], [0.05, 0.95], [0.05, 0.95], [0.95, 0.05]])
+    assert validation_weights([c, d], labels) == pytest.approx(log_loss_weights([c, d], labels))
+    assert validation_weights([c, d], labels)[0] > 0.9
+
+
 def test_the_ensemble_graph_averages_its_members_like_the_python_path(runs, ensemble):
     result = export_run(ensemble.run_id)
     assert result.parity.ok and result.parity.quantity == "probability"

@@ -15,12 +15,12 @@ import argparse
 import dataclasses
 import os
 import shlex
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from training import termination
 from training.backends import BackendError, check_tracking
 from training.config import TrainConfig
 from training.options import AUTO, NONE, OptionError, help_of, option, parse_key_values, parser_for, to_text
@@ -496,20 +496,9 @@ def _record_failure(message: str, run_name: str) -> None:
         client.set_tag(run_id, "mlflow.runName", run_name)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, a shutdown): unwinds like Ctrl-C, so runs end KILLED with the reason."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated("terminated by SIGTERM (a job scheduler or a shutdown)")
-
-
 def main(argv: list[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
+    with termination.handling_sigterm():
         return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -534,7 +523,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt as err:
         print(f"{err or 'interrupted'}: the run was marked KILLED", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return termination.EXIT_CODE if isinstance(err, termination.Terminated) else 130
     except Exception as err:
         if not is_user_error(err):
             raise

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
-from training import distributed
+from training import distributed, termination
 from training.augment import Augmenter
 from training.data import Split
 from training.distributed import World
@@ -412,7 +412,8 @@ def fit(
     model.to(device)
     train = Split(train.images.to(device), train.labels.to(device))
     val = Split(val.images.to(device), val.labels.to(device))
-    with channels_last(model):
+    # SIGTERM waits for a check between steps (training.termination says why).
+    with channels_last(model), termination.deferred():
         # One global batch order on every rank; each rank's own augmentation draws.
         order_generator = torch.Generator().manual_seed(o.seed)
         augment_generator = torch.Generator(device=device).manual_seed(o.seed + world.rank)
@@ -456,6 +457,7 @@ def fit(
             # Sums stay on the device: a .item() per step would make every step wait for the GPU.
             seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), device=device)
             for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress or not world.is_main):
+                termination.check()
                 index = index.to(device)
                 images, labels = train.images[index], train.labels[index]
                 x = augmenter(images) if augmenter else to_input(images)
@@ -492,6 +494,7 @@ def fit(
             # Rank 0 evaluates, selects, checkpoints and decides; the other ranks follow its score and decision.
             raw_score, stop = math.nan, False
             if world.is_main:
+                termination.check()
                 val_metrics, _ = evaluate(model, val, class_names, "val")
                 metrics = {
                     "train_loss": loss_sum / max(seen, 1),
@@ -517,6 +520,7 @@ def fit(
                 )
                 epoch_result = EpochResult(epoch, metrics)
                 result.history.append(epoch_result)
+                termination.check()  # before the checkpoint: an epoch is either saved whole or not at all
                 if on_checkpoint is not None:
                     on_checkpoint(
                         checkpoint_state(epoch, updates, model, ema, opt, schedule, selection, result, generators)

@@ -23,6 +23,7 @@ from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 
 from contract import METADATA_KEY, ModelCard
+from training import termination
 from training.data import ImageDataset
 
 MODEL_ARTIFACT = "model"
@@ -70,6 +71,7 @@ def tracked_run(
     mlflow.set_tag("mlflow.runName", run_name)
     try:
         yield run
+        termination.check()  # a SIGTERM that Python swallowed on the way still ends the run KILLED
     except KeyboardInterrupt as err:
         mlflow.set_tag(ERROR_TAG, _with_hint(str(err) or "interrupted by the user (Ctrl-C)", run.info.run_id))
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))

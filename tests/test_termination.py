@@ -1,0 +1,68 @@
+"""SIGTERM ends a command cleanly even where Python would swallow the exception (training.termination)."""
+
+import os
+import signal
+import weakref
+
+import pytest
+
+from training import termination
+from training.termination import Terminated
+
+
+def sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_outside_the_training_loop_sigterm_raises_at_once():
+    with termination.handling_sigterm():
+        with pytest.raises(Terminated, match="terminated by SIGTERM"):
+            sigterm_self()
+            for _ in range(10**6):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGTERM) is not termination._on_sigterm  # the previous handler is back
+
+
+def test_inside_the_training_loop_sigterm_waits_for_the_next_check():
+    reached = []
+    with termination.handling_sigterm(), pytest.raises(Terminated):
+        with termination.deferred():
+            sigterm_self()
+            for _ in range(10**6):
+                pass
+            reached.append("after the signal")  # nothing broke into the step
+            termination.check()
+            reached.append("after the check")
+    assert reached == ["after the signal"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
+def test_a_sigterm_swallowed_by_a_weakref_callback_is_raised_again_by_the_next_check():
+    class Thing:
+        pass
+
+    def callback(_):
+        sigterm_self()  # the handler's exception is raised here, inside the callback, and Python ignores it
+
+    with termination.handling_sigterm():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing  # "Exception ignored in: <function ...callback>": the work would go on
+        assert ref() is None
+        with pytest.raises(Terminated):
+            termination.check()
+
+
+def test_a_second_sigterm_does_not_break_into_the_clean_up_of_the_first():
+    cleaned = []
+    with termination.handling_sigterm(), pytest.raises(Terminated):
+        try:
+            sigterm_self()
+            for _ in range(10**6):
+                pass
+        finally:
+            sigterm_self()  # a scheduler repeating itself while the run is being marked KILLED
+            for _ in range(10**6):
+                pass
+            cleaned.append(True)
+    assert cleaned == [True]
