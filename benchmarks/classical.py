@@ -136,7 +136,8 @@ def write_results(done: dict) -> None:
         "## Classical estimators and ensembles vs the notebook study (BreastMNIST, BloodMNIST)\n\n"
         "One store per benchmark: three `quick` nets (seeds 0-2); SVM / random forest / decision tree on the seed-0 "
         "net's features (GridSearchCV on train folds); CNN + SVM fusion and the ensemble of the three nets with "
-        "weights minimising the validation log-loss; `register --metric acc` picks the champion on validation. "
+        "`--weights auto` (the validation log-loss optimum, or equal weights where they classify validation at "
+        "least as well); `register --metric acc` picks the champion on validation. "
         "Test ACC is read once per run. Time: the whole CLI process on the 2-core CPU.\n"
         "Reproduce: `python benchmarks/classical.py` (resumable).\n\n" + table(done),
     )
