@@ -234,3 +234,11 @@ def test_a_trial_whose_worker_was_killed_is_failed_when_the_sweep_starts_again(
     assert states == {0: "FAIL", 1: "COMPLETE"}  # the dead trial failed, the study went on
     dead = mlflow.get_run(trial_run.info.run_id)
     assert dead.info.status == "FAILED" and "worker died mid-trial" in dead.data.tags["medzoo.error"]
+
+
+def test_a_sweep_refuses_select_metric_last(synthetic_env, mlflow_store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    with pytest.raises(ConfigError, match="select_metric='last' ranks nothing"):
+        run_sweep(base(select_metric="last"), 2, str(space), f"sqlite:///{tmp_path / 'o.db'}")
+    assert all_runs() == []

@@ -64,6 +64,14 @@ def test_runs_land_in_a_training_experiment_named_after_the_dataset_unless_one_i
     assert client.get_experiment(chosen.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_select_metric_last_keeps_the_final_raw_weights(synthetic_env, mlflow_store):
+    outcome = run_training(tiny(epochs=3, select_metric="last", tta="none", ema=0.9), progress=False)
+    assert (outcome.fit.best_epoch, outcome.fit.best_weights) == (3, "raw")
+    final = outcome.fit.history[-1].metrics
+    assert outcome.val_metrics["best_val_acc"] == pytest.approx(final["val_acc"])
+    assert outcome.val_metrics["best_val_auc"] == pytest.approx(final["val_auc"])
+
+
 def test_selection_keeps_the_best_candidate_and_counts_patience():
     from training.engine import Selection
 
@@ -117,7 +125,8 @@ def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
         (dict(dataset="chestmnist"), "multi-label"),
         (dict(optimizer="adagrad"), "optimizer='adagrad' is not one of: sgd, adam, adamw, nadamw, lamb, lion"),
         (dict(scheduler="step"), "scheduler='step' is not one of"),
-        (dict(select_metric="f1"), "select_metric='f1' is not one of: auc, acc"),
+        (dict(select_metric="f1"), "select_metric='f1' is not one of: auc, acc, last"),
+        (dict(select_metric="last", patience=3), "patience=3 needs a validation metric"),
         (dict(epochs=0), "epochs=0 must be >= 1"),
         (dict(lr=-1.0), "lr=-1.0 must be > 0"),
         (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),

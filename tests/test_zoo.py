@@ -1,4 +1,5 @@
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -90,6 +91,9 @@ def test_resnet_cifar_stem_keeps_28px_resolution():
     model = zoo.create_model("resnet18", in_chans=1, num_classes=2, cifar_stem=True)
     assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, nn.Identity)
     assert model.forward_features(torch.rand(1, 1, 28, 28)).shape[-1] == 4  # 28 / 8, not 28 / 32
+    # initialised as the MedMNIST v2 code: no zero-initialised last BatchNorm in the blocks
+    assert all(torch.all(block.bn2.weight == 1) for block in model.layer1)
+    assert torch.all(timm.create_model("resnet18").layer1[0].bn2.weight == 0)
 
 
 def test_any_timm_architecture_by_prefix():

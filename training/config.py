@@ -15,7 +15,7 @@ from training.data import DatasetError, check_dataset_name
 from training.engine import CLASS_BALANCES, DEVICES, OPTIMIZERS, SCHEDULERS
 from training.options import AUTO, NONE, OptionError, as_params, option, parse_key_values
 
-SELECT_METRICS = ("auc", "acc")
+SELECT_METRICS = ("auc", "acc", "last")
 
 
 class ConfigError(OptionError):
@@ -37,7 +37,9 @@ class TrainConfig:
     dropout: float | None = option(None, f"dropout rate ({AUTO}: the model's own default)")
     scheduler: str = option("cosine", f"one of: {', '.join(SCHEDULERS)} (multistep: x0.1 at 50%/75%)")
     patience: int = option(0, "stop after this many epochs without validation gain (0: never)")
-    select_metric: str = option("auc", "validation metric that picks the best epoch: auc or acc")
+    select_metric: str = option(
+        "auc", "validation metric that picks the best epoch: auc or acc; last keeps the final epoch's weights"
+    )
     seed: int = option(0, "random seed (weights, batch order, subsampling)")
     data_dir: str = option(AUTO, f"folder with the dataset files ({AUTO}: $MEDZOO_DATA_DIR, else ~/.medmnist)")
     max_train_samples: int = option(0, "seeded, stratified subsample of the training split (0: all)")
@@ -105,6 +107,11 @@ class TrainConfig:
         _one_of("select_metric", self.select_metric, SELECT_METRICS)
         _one_of("class_balance", self.class_balance, CLASS_BALANCES)
         _one_of("device", self.device, DEVICES)
+        if self.select_metric == "last" and self.patience:
+            raise ConfigError(
+                f"patience={self.patience!r} needs a validation metric to wait on; select_metric=last has none "
+                "(use auc or acc, or patience=0)."
+            )
         if self.freeze not in (NONE, "backbone") and not (self.freeze.isdigit() and int(self.freeze) >= 1):
             raise ConfigError(f"freeze={self.freeze!r} must be {NONE}, backbone or a number of stages >= 1.")
         if self.freeze != NONE and not self.uses_pretrained:

@@ -106,6 +106,8 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
     if options.trials < 1:
         raise ConfigError(f"trials={options.trials} must be >= 1.")
     base.validate()
+    if base.select_metric == "last":
+        raise ConfigError("select_metric='last' ranks nothing; a sweep compares trials on auc or acc.")
     dimensions = load_space(base.model, options.space_file)
     for dimension in dimensions:  # every listed value must give a valid configuration and model
         if dimension.kind == "categorical":

@@ -88,9 +88,16 @@ def _load_timm(timm_name: str, in_chans: int, num_classes: int, pretrained, **kw
 
 
 def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
-    """MedMNIST v2's ResNet for 28 px: a 3x3 stride-1 stem and no max-pool, so 28 px is not crushed to 7."""
+    """MedMNIST v2's ResNet for 28 px: a 3x3 stride-1 stem and no max-pool, so 28 px is not crushed to 7.
+
+    Initialised as the paper's code (kuangliu/pytorch-cifar's ResNet) is: PyTorch's default init of every layer,
+    not timm's (kaiming-normal fan-out convs, the last BatchNorm of each block at zero).
+    """
     model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            module.reset_parameters()
     return model
 
 
