@@ -198,7 +198,7 @@ def _progress(args) -> bool:
 def train(args) -> str:
     from training import distributed
     from training.engine import resolve_device
-    from training.train import resumption, run_training
+    from training.train import MEMBERS_IN_ONE_PROCESS, resumption, run_training
 
     resume = build(ResumeOptions, args).resume
     nproc, world = build(DistributedOptions, args).nproc, distributed.current()
@@ -209,6 +209,8 @@ def train(args) -> str:
         if resume != NONE:
             raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
         config = build_training(args).validate()
+        if config.members > 1:
+            raise distributed.DistributedError(MEMBERS_IN_ONE_PROCESS)
         distributed.check(nproc, config.batch_size, resolve_device(config.device))
         distributed.launch(args.argv, nproc)
     if resume == NONE:
@@ -222,12 +224,7 @@ def train(args) -> str:
         outcome = run_training(config, progress=_progress(args), resume=state)
     if outcome is None:
         return f"rank {world.rank} of {world.size}: trained its share of every batch (rank 0 logs the run)"
-    test = outcome.test_metrics
-    return (
-        f"run {outcome.run_id}: best epoch {outcome.fit.best_epoch}, "
-        f"val acc {outcome.val_metrics['best_val_acc']:.4f}, test acc {test['test_acc']:.4f}, "
-        f"test auc {test['test_auc']:.4f}, {outcome.fit.images_per_second:.0f} images/s"
-    )
+    return outcome.summary()
 
 
 def sweep(args) -> str:

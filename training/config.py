@@ -15,7 +15,8 @@ from training.data import DatasetError, check_dataset_name
 from training.engine import CLASS_BALANCES, DEVICES, OPTIMIZERS, SCHEDULERS
 from training.options import AUTO, NONE, OptionError, as_params, option, parse_key_values
 
-SELECT_METRICS = ("auc", "acc", "last")
+RANKING_METRICS = ("auc", "acc")  # validation metrics runs are compared on
+SELECT_METRICS = (*RANKING_METRICS, "last")
 
 
 class ConfigError(OptionError):
@@ -41,6 +42,9 @@ class TrainConfig:
         "auc", "validation metric that picks the best epoch: auc or acc; last keeps the final epoch's weights"
     )
     seed: int = option(0, "random seed (weights, batch order, subsampling)")
+    members: int = option(
+        1, "networks trained one after the other (member i with seed seed*N+i) and averaged into one ensemble model"
+    )
     data_dir: str = option(AUTO, f"folder with the dataset files ({AUTO}: $MEDZOO_DATA_DIR, else ~/.medmnist)")
     max_train_samples: int = option(0, "seeded, stratified subsample of the training split (0: all)")
     pretrained: str = option("false", "false, true (timm hub, needs internet) or a path to a weights file")
@@ -129,7 +133,7 @@ class TrainConfig:
             policy.resolve_tta(self.tta, self.dataset)
         except AugmentError as err:
             raise ConfigError(str(err)) from None
-        for name in ("epochs", "batch_size", "size"):
+        for name in ("epochs", "batch_size", "size", "members"):
             _at_least(name, getattr(self, name), 1)
         for name in ("patience", "max_train_samples", "weight_decay", "l1", "seed"):
             _at_least(name, getattr(self, name), 0)

@@ -135,68 +135,72 @@ def run_ensemble(config: EnsembleConfig, nested: bool = False, tags: dict | None
         "members": ",".join(config.runs),
         **(tags or {}),
     }
-    run_name = f"ensemble-{dataset_name}"
-    with tracking.tracked_run(run_name, tags, nested=nested, experiment=dataset_name) as run:
+    with tracking.tracked_run(f"ensemble-{dataset_name}", tags, nested=nested, experiment=dataset_name) as run:
         started = time.perf_counter()
-        pre = members[0].card.preprocessing
-        dataset = load_dataset(dataset_name, None if config.data_dir == AUTO else config.data_dir, size=pre.input_size)
-        graphs = [export_run(m.run_id).proto for m in members]  # each parity-checked against its Python path
-        scores = {
-            split: [onnx_probabilities(g, to_input(dataset.split(split).images).numpy()) for g in graphs]
-            for split in ("val", "test")
-        }
-        labels = {split: dataset.split(split).labels.numpy() for split in ("val", "test")}
-        weights = given or validation_weights(scores["val"], labels["val"])
-        mlflow.log_params(
-            {
-                "runs": ",".join(config.runs),
-                "weights": config.weights,
-                "chosen_weights": ",".join(f"{w:.4f}" for w in weights),
-                "members": ",".join(m.card.architecture for m in members),
-            }
-        )
-        names = dataset.class_names
-        # The weights are fixed; the test split is scored once.
-        fused = {split: fuse(scores[split], weights) for split in ("val", "test")}
-        val_metrics = {
-            f"best_val_{k}": v for k, v in classification_metrics(labels["val"], fused["val"], names).items()
-        }
-        test_metrics = {f"test_{k}": v for k, v in classification_metrics(labels["test"], fused["test"], names).items()}
-        member_acc = {
-            split: [float((p.argmax(1) == labels[split]).mean()) for p in scores[split]] for split in ("val", "test")
-        }
-        mlflow.log_metrics({**val_metrics, **test_metrics})
-        for i in range(len(members)):
-            mlflow.log_metrics(
-                {f"member{i}_val_acc": member_acc["val"][i], f"member{i}_test_acc": member_acc["test"][i]}
-            )
-        title = f"ensemble of {len(members)} on {dataset_name}"
-        tracking.log_confusion_matrices(labels, fused, names, title)
-        tracking.log_figure(
-            plots.members_figure(
-                [m.card.architecture for m in members],
-                weights,
-                member_acc,
-                {"val": val_metrics["best_val_acc"], "test": test_metrics["test_acc"]},
-                title,
-            ),
-            "plots/members.png",
-        )
-
-        card = ModelCard(
-            architecture="ensemble(" + " + ".join(m.card.architecture for m in members) + ")",
-            dataset=dataset.name,
-            task=dataset.task,
-            class_names=tuple(names),
-            # Each member normalises inside its own part of the graph.
-            preprocessing=Preprocessing(pre.input_size, pre.in_chans, (0.0,) * pre.in_chans, (1.0,) * pre.in_chans),
-            model_options={"runs": ",".join(config.runs), "weights": ",".join(f"{w:.4f}" for w in weights)},
-        ).with_run(run.info.run_id, {**val_metrics, **test_metrics})
-        proto = onnx_compose.average(graphs, weights, card.to_props())
-        # The parity images are the first validation images, which every member has scored above.
-        parity = tracking.PARITY_IMAGES
-        log_graph_model(proto, card, dataset.val.images[:parity], fused["val"][:parity])
+        mlflow.log_param("weights", config.weights)
+        outcome = log_ensemble(members, given, None if config.data_dir == AUTO else config.data_dir, run.info.run_id)
         mlflow.log_metric("wall_time", time.perf_counter() - started)
-        return EnsembleOutcome(
-            run.info.run_id, weights, member_acc["val"], member_acc["test"], val_metrics, test_metrics
-        )
+        return outcome
+
+
+def log_ensemble(
+    members: list[Member], given: list[float] | None, data_dir: str | None, run_id: str
+) -> EnsembleOutcome:
+    """Score ``members`` on validation and test, fix the weights (``given``, else from validation) and log the
+    metrics, the plots and the ensemble's ONNX model in the active run ``run_id``."""
+    run_ids = [m.run_id for m in members]
+    dataset_name = members[0].card.dataset
+    pre = members[0].card.preprocessing
+    dataset = load_dataset(dataset_name, data_dir, size=pre.input_size)
+    graphs = [export_run(m.run_id).proto for m in members]  # each parity-checked against its Python path
+    scores = {
+        split: [onnx_probabilities(g, to_input(dataset.split(split).images).numpy()) for g in graphs]
+        for split in ("val", "test")
+    }
+    labels = {split: dataset.split(split).labels.numpy() for split in ("val", "test")}
+    weights = given or validation_weights(scores["val"], labels["val"])
+    mlflow.log_params(
+        {
+            "runs": ",".join(run_ids),
+            "chosen_weights": ",".join(f"{w:.4f}" for w in weights),
+            "member_models": ",".join(m.card.architecture for m in members),
+        }
+    )
+    names = dataset.class_names
+    # The weights are fixed; the test split is scored once.
+    fused = {split: fuse(scores[split], weights) for split in ("val", "test")}
+    val_metrics = {f"best_val_{k}": v for k, v in classification_metrics(labels["val"], fused["val"], names).items()}
+    test_metrics = {f"test_{k}": v for k, v in classification_metrics(labels["test"], fused["test"], names).items()}
+    member_acc = {
+        split: [float((p.argmax(1) == labels[split]).mean()) for p in scores[split]] for split in ("val", "test")
+    }
+    mlflow.log_metrics({**val_metrics, **test_metrics})
+    for i in range(len(members)):
+        mlflow.log_metrics({f"member{i}_val_acc": member_acc["val"][i], f"member{i}_test_acc": member_acc["test"][i]})
+    title = f"ensemble of {len(members)} on {dataset_name}"
+    tracking.log_confusion_matrices(labels, fused, names, title)
+    tracking.log_figure(
+        plots.members_figure(
+            [m.card.architecture for m in members],
+            weights,
+            member_acc,
+            {"val": val_metrics["best_val_acc"], "test": test_metrics["test_acc"]},
+            title,
+        ),
+        "plots/members.png",
+    )
+
+    card = ModelCard(
+        architecture="ensemble(" + " + ".join(m.card.architecture for m in members) + ")",
+        dataset=dataset.name,
+        task=dataset.task,
+        class_names=tuple(names),
+        # Each member normalises inside its own part of the graph.
+        preprocessing=Preprocessing(pre.input_size, pre.in_chans, (0.0,) * pre.in_chans, (1.0,) * pre.in_chans),
+        model_options={"runs": ",".join(run_ids), "weights": ",".join(f"{w:.4f}" for w in weights)},
+    ).with_run(run_id, {**val_metrics, **test_metrics})
+    proto = onnx_compose.average(graphs, weights, card.to_props())
+    # The parity images are the first validation images, which every member has scored above.
+    parity = tracking.PARITY_IMAGES
+    log_graph_model(proto, card, dataset.val.images[:parity], fused["val"][:parity])
+    return EnsembleOutcome(run_id, weights, member_acc["val"], member_acc["test"], val_metrics, test_metrics)

@@ -22,7 +22,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from contract import CHAMPION_ALIAS, ModelCard, registered_model_name
-from training.config import SELECT_METRICS
+from training.config import RANKING_METRICS
 from training.data import DatasetError, check_dataset_name
 from training.export import export_run
 from training.tracking import MODEL_ARTIFACT
@@ -48,8 +48,8 @@ class RegistrationResult:
 
 def metric_key(metric: str) -> str:
     short = metric.removeprefix("best_").removeprefix("val_")
-    if short not in SELECT_METRICS:
-        raise RegistrationError(f"metric={metric!r} is not one of: {', '.join(SELECT_METRICS)} (validation metrics).")
+    if short not in RANKING_METRICS:
+        raise RegistrationError(f"metric={metric!r} is not one of: {', '.join(RANKING_METRICS)} (validation metrics).")
     return f"best_val_{short}"
 
 

@@ -108,6 +108,8 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
     base.validate()
     if base.select_metric == "last":
         raise ConfigError("select_metric='last' ranks nothing; a sweep compares trials on auc or acc.")
+    if base.members > 1:
+        raise ConfigError(f"members={base.members}: a sweep trial is one network (members=1).")
     dimensions = load_space(base.model, options.space_file)
     for dimension in dimensions:  # every listed value must give a valid configuration and model
         if dimension.kind == "categorical":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlflow
 import numpy as np
@@ -28,9 +28,15 @@ from training.distributed import World
 from training.engine import EpochResult, FitOptions, FitResult, evaluate, fit, resolve_device
 from training.options import NONE, to_text
 
+if TYPE_CHECKING:
+    from training.members import MembersOutcome
+
 
 class ResumeError(ConfigError):
     """A run that cannot be resumed; the message says why and what to do."""
+
+
+MEMBERS_IN_ONE_PROCESS = "members > 1 train one after the other in one process (nproc=1)."
 
 
 @dataclass
@@ -40,6 +46,14 @@ class TrainOutcome:
     val_metrics: dict[str, float]
     test_metrics: dict[str, float]
     model_uri: str
+
+    def summary(self) -> str:
+        val, test = self.val_metrics, self.test_metrics
+        return (
+            f"run {self.run_id}: best epoch {self.fit.best_epoch}, val acc {val['best_val_acc']:.4f}, "
+            f"test acc {test['test_acc']:.4f}, test auc {test['test_auc']:.4f}, "
+            f"{self.fit.images_per_second:.0f} images/s"
+        )
 
 
 def input_size_for(config: TrainConfig) -> tuple[int, list[str]]:
@@ -131,8 +145,10 @@ def run_training(
     extra_tags: dict | None = None,
     progress: bool = True,
     resume: Resumption | None = None,
-) -> TrainOutcome | None:
+) -> TrainOutcome | MembersOutcome | None:
     """Validate, then train and track one run. Bad values fail before any run is created.
+
+    ``members > 1`` trains that many member runs and their ensemble in one parent run (training.members).
 
     A checkpoint is written after every epoch; ``resume`` (from :func:`resumption`) continues a stopped run in
     that same MLflow run from its last checkpoint. Under torchrun every rank calls this: rank 0 trains and logs
@@ -141,6 +157,13 @@ def run_training(
     config.validate()
     device = resolve_device(config.device)
     world = distributed.current()
+    if config.members > 1:
+        if world.distributed:
+            raise distributed.DistributedError(MEMBERS_IN_ONE_PROCESS)
+        from training.members import train_members
+
+        run_id = resume.run_id if resume else None
+        return train_members(config, nested=nested, extra_tags=extra_tags, progress=progress, resume_run_id=run_id)
     distributed.check(world.size, config.batch_size, device)
     if resume is not None and world.distributed:
         raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
@@ -249,7 +272,7 @@ def run_training(
 @dataclass
 class Resumption:
     run_id: str
-    state: dict
+    state: dict | None  # the last checkpoint; None for a members parent, whose members hold theirs
 
 
 RESUMABLE = ("FAILED", "KILLED")
@@ -257,6 +280,7 @@ RESUMABLE = ("FAILED", "KILLED")
 
 def resumption(run_id: str) -> tuple[TrainConfig, Resumption]:
     """The configuration and last checkpoint of a stopped run; ResumeError says why a run cannot go on."""
+    from training.members import is_members_parent
     from training.runs import process_state
 
     try:
@@ -270,6 +294,8 @@ def resumption(run_id: str) -> tuple[TrainConfig, Resumption]:
             raise ResumeError(f"resume={run_id!r}: the run is still running ({state}); stop it first.")
     elif status not in RESUMABLE:
         raise ResumeError(f"resume={run_id!r}: the run is {status}; only FAILED, KILLED or orphaned runs go on.")
+    if is_members_parent(run):  # its members carry the checkpoints (training.members)
+        return config_from_params(run.data.params), Resumption(run_id, None)
     if run.data.tags.get("kind", "train") != "train" or "model" not in run.data.params:
         raise ResumeError(f"resume={run_id!r} is not a training run.")
     try:
