@@ -118,6 +118,8 @@ def run_case(recipe: str, dataset: str, seed: int, data_dir: Path, device: str) 
         device,
         "--no-progress",
     ]
+    # What the case runs, taken before it starts: an edit of configs/recipes.yaml during a run belongs to later cases.
+    measured_with = {"fingerprint": fingerprint(recipe, dataset), "commit": commit()}
     started = time.perf_counter()
     result = subprocess.run(command, cwd=STORE, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -132,8 +134,7 @@ def run_case(recipe: str, dataset: str, seed: int, data_dir: Path, device: str) 
         "dataset": dataset,
         "seed": seed,
         "device": device_name(device),
-        "fingerprint": fingerprint(recipe, dataset),
-        "commit": commit(),
+        **measured_with,
         "run_id": run_id,
         **{k: metrics[k] for k in METRICS if k in metrics},
         "process_time": wall,

@@ -72,6 +72,7 @@ def test_members_train_with_their_own_seeds_and_a_stopped_parent_goes_on_to_the_
         output_format="list",
         filter_string="attributes.status = 'FAILED' and tags.kind = 'ensemble'",
     )
+    assert f"--resume {stopped.info.run_id}" in stopped.data.tags["medzoo.error"]
     first, second = member_runs(stopped.info.run_id)
     assert (first.info.status, second.info.status) == ("FINISHED", "FAILED")
 

@@ -194,12 +194,19 @@ def export_run(run_id: str, log: bool = True) -> ExportResult:
         return ExportResult(proto, parity, info.model_uri, card)
     model = mlflow.pytorch.load_model(info.model_uri)
     pre = card.preprocessing
-    proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
+    existing = logged_onnx_model(run_id)
+    # An earlier export of this run is taken again (the export is most of the time an ensemble or a registration
+    # spends on a member), its parity against the PyTorch model checked again like a new one's.
+    if existing is not None:
+        proto = mlflow.onnx.load_model(existing.model_uri)
+    else:
+        proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
     parity = require_parity(proto, model, images)
     model_uri = ""
-    if log:
-        existing = logged_onnx_model(run_id)
-        model_uri = existing.model_uri if existing else log_onnx_model(run_id, proto, card, images[:2]).model_uri
+    if existing is not None:
+        model_uri = existing.model_uri
+    elif log:
+        model_uri = log_onnx_model(run_id, proto, card, images[:2]).model_uri
     return ExportResult(proto, parity, model_uri, card)
 
 

@@ -61,10 +61,6 @@ def member_configs(config: TrainConfig) -> list[TrainConfig]:
     ]
 
 
-def is_members_parent(run: mlflow.entities.Run) -> bool:
-    return int(run.data.params.get("members", "1")) > 1
-
-
 def train_members(
     config: TrainConfig,
     *,

@@ -17,7 +17,7 @@ import sys
 import mlflow
 from mlflow.entities import Run, RunStatus
 
-from training.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_HINT
+from training.tracking import ERROR_TAG, HOST_TAG, PID_TAG, RESUME_HINT, can_resume
 
 ORPHANED, ALIVE, OTHER_HOST, UNKNOWN = "orphaned", "alive", "other host", "no process recorded"
 
@@ -58,7 +58,7 @@ def reap() -> list[Run]:
             continue
         tags = run.data.tags
         reason = f"its process (host {tags[HOST_TAG]}, pid {tags[PID_TAG]}) died without ending the run"
-        if "medzoo.checkpoint" in tags:
+        if can_resume(run):
             reason += f"; {RESUME_HINT.format(run_id=run.info.run_id)}"
         client.set_tag(run.info.run_id, ERROR_TAG, reason)
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))

@@ -83,9 +83,19 @@ def tracked_run(
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def is_members_parent(run) -> bool:
+    """The parent run of ``members > 1`` member runs (training.members)."""
+    return int(run.data.params.get("members", "1")) > 1
+
+
+def can_resume(run) -> bool:
+    """A run with a checkpoint, or a members parent, whose members hold theirs."""
+    return CHECKPOINT_TAG in run.data.tags or is_members_parent(run)
+
+
 def _with_hint(reason: str, run_id: str) -> str:
     """The reason, and how to go on where the run left a checkpoint."""
-    if CHECKPOINT_TAG in mlflow.get_run(run_id).data.tags:
+    if can_resume(mlflow.get_run(run_id)):
         return f"{reason}; {RESUME_HINT.format(run_id=run_id)}"
     return reason
 

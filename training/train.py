@@ -280,7 +280,6 @@ RESUMABLE = ("FAILED", "KILLED")
 
 def resumption(run_id: str) -> tuple[TrainConfig, Resumption]:
     """The configuration and last checkpoint of a stopped run; ResumeError says why a run cannot go on."""
-    from training.members import is_members_parent
     from training.runs import process_state
 
     try:
@@ -294,7 +293,7 @@ def resumption(run_id: str) -> tuple[TrainConfig, Resumption]:
             raise ResumeError(f"resume={run_id!r}: the run is still running ({state}); stop it first.")
     elif status not in RESUMABLE:
         raise ResumeError(f"resume={run_id!r}: the run is {status}; only FAILED, KILLED or orphaned runs go on.")
-    if is_members_parent(run):  # its members carry the checkpoints (training.members)
+    if tracking.is_members_parent(run):  # its members hold the checkpoints
         return config_from_params(run.data.params), Resumption(run_id, None)
     if run.data.tags.get("kind", "train") != "train" or "model" not in run.data.params:
         raise ResumeError(f"resume={run_id!r} is not a training run.")
