@@ -84,8 +84,10 @@ def tracked_run(
 
 
 def is_members_parent(run) -> bool:
-    """The parent run of ``members > 1`` member runs (training.members)."""
-    return int(run.data.params.get("members", "1")) > 1
+    """The parent run of ``members > 1`` member runs (training.members). Ensemble runs before 2026-12-02 logged
+    ``members`` as their members' architectures, which is no count."""
+    members = run.data.params.get("members", "1")
+    return members.isdigit() and int(members) > 1
 
 
 def can_resume(run) -> bool:
