@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import optuna
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, project_env
+from tests.conftest import ROOT, free_port, project_env, shrunk
 from training.cli import main
+from training.sweep import log_study_results, study_lock
 
 pytestmark = pytest.mark.slow
 STACK = ROOT / "scripts" / "stack.sh"
@@ -159,6 +162,39 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
     (served,) = bentoml_home.rglob("model.onnx")
     assert served.read_bytes() == (Path(registry_copy) / "model.onnx").read_bytes()
     assert list(worker_dir.iterdir()) == []
+
+
+def test_a_sweep_worker_logs_the_study_on_the_shared_parent_only_under_the_study_lock(on_stack):
+    """Workers that share a parent finish at about the same time and each writes the best trial's tags on it.
+    MLflow's SQL store writes a new tag as select-then-insert, so two simultaneous writers make one fail on a
+    duplicate key (it failed a CI run). A worker finishing while another holds the study lock must wait for it."""
+    storage = on_stack.env["MEDZOO_OPTUNA_STORAGE"]
+    base = shrunk(model="cnn", dataset="breastmnist")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    study = optuna.create_study(study_name="finish-together", storage=storage, direction="maximize")
+    for number, value in enumerate((0.6, 0.8, 0.7)):
+        trial = optuna.trial.create_trial(
+            params={"lr": 10.0 ** -(number + 2)},
+            distributions={"lr": lr},
+            value=value,
+            user_attrs={"mlflow_run_id": f"run-{number}"},
+        )
+        study.add_trial(trial)
+    parent_id = mlflow.MlflowClient().create_run(experiment_id="0").info.run_id
+
+    def finish():
+        with mlflow.start_run(run_id=parent_id):
+            log_study_results(optuna.load_study(study_name="finish-together", storage=storage), base, storage)
+
+    with ThreadPoolExecutor(1) as worker:
+        with study_lock(storage, "finish-together"):  # another worker is finishing
+            done = worker.submit(finish)
+            time.sleep(3)
+            assert not done.done() and "best_run_id" not in mlflow.get_run(parent_id).data.tags
+        done.result(timeout=120)  # raises what the worker raised
+    parent = mlflow.get_run(parent_id)
+    assert parent.data.tags["best_run_id"] == "run-1" and parent.data.tags["best_lr"] == "0.001"
+    assert parent.data.metrics[f"best_{base.select_key}"] == pytest.approx(0.8)
 
 
 def test_data_parallel_training_under_torchrun_logs_one_run(on_stack, tmp_path):

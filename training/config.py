@@ -79,6 +79,11 @@ class TrainConfig:
         return f"val_{self.select_metric}"
 
     @property
+    def ranking_metric(self) -> str:
+        """What runs of this set-up are compared on (registry, leaderboards): `last` picks an epoch, not a metric."""
+        return "auc" if self.select_metric == "last" else self.select_metric
+
+    @property
     def uses_pretrained(self) -> bool:
         return self.pretrained.lower() not in ("false", "0", "no", "")
 

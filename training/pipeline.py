@@ -45,6 +45,6 @@ def run_pipeline(models: list[str], make_config: Callable[[str], TrainConfig]) -
             str(PROJECT_DIR),
             entry_point="register",
             env_manager=env_manager,
-            parameters={"dataset": dataset, "metric": "auc" if base.select_metric == "last" else base.select_metric},
+            parameters={"dataset": dataset, "metric": base.ranking_metric},
         )
     return f"trained {', '.join(models)} on {dataset} and registered the best"

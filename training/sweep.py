@@ -152,20 +152,20 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
                 )
             )
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-        tracking.log_new_params(
-            {
-                "study_name": study_name,
-                "storage": backends.masked(storage),
-                "space_file": options.space_file,
-                "pruning": str(options.pruning).lower(),
-                **{f"base_{k}": v for k, v in base.to_params().items()},
-            }
-        )
+            tracking.log_new_params(
+                {
+                    "study_name": study_name,
+                    "storage": backends.masked(storage),
+                    "space_file": options.space_file,
+                    "pruning": str(options.pruning).lower(),
+                    **{f"base_{k}": v for k, v in base.to_params().items()},
+                }
+            )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for line in fail_dead_trials(study, study_name):
             print(line, flush=True)
         study.optimize(objective, n_trials=options.trials, show_progress_bar=progress, catch=())
-        _log_study(study, base)
+        log_study_results(study, base, storage)
         return SweepResult(parent.info.run_id, study, options.trials)
 
 
@@ -253,6 +253,14 @@ def _run_exists(run_id: str) -> bool:
         return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
+
+
+def log_study_results(study: optuna.Study, base: TrainConfig, storage: str) -> None:
+    """The study's best trial and plots on the active parent run, one worker at a time: workers that share the
+    parent finish together, and MLflow's SQL store writes a tag as select-then-insert, so two workers setting
+    `best_run_id` at once make one of them fail on a duplicate key (seen on PostgreSQL)."""
+    with study_lock(storage, study.study_name):
+        _log_study(study, base)
 
 
 def _log_study(study: optuna.Study, base: TrainConfig) -> None:
