@@ -143,8 +143,10 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
         return outcome.fit.best_score
 
     tags = {"sweep": study_name, "model": base.model, "sweep_dataset": base.dataset}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with contextlib.ExitStack() as parent_scope:
-        # Workers started together: one at a time finds the study's parent or opens it, so all share the first.
+        # Workers started together: one at a time finds the study's parent or opens it, so all share the first,
+        # and writes on it and on dead trials' runs (MLflow's SQL store writes a tag as select-then-insert).
         with study_lock(storage, study_name):
             parent = parent_scope.enter_context(
                 tracking.tracked_run(
@@ -161,9 +163,8 @@ def run_sweep(base: TrainConfig, options: "SweepOptions", progress: bool = True)
                     **{f"base_{k}": v for k, v in base.to_params().items()},
                 }
             )
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for line in fail_dead_trials(study, study_name):
-            print(line, flush=True)
+            for line in fail_dead_trials(study, study_name):
+                print(line, flush=True)
         study.optimize(objective, n_trials=options.trials, show_progress_bar=progress, catch=())
         log_study_results(study, base, storage)
         return SweepResult(parent.info.run_id, study, options.trials)
