@@ -167,6 +167,7 @@ def test_every_recipe_loads_and_runs_one_tiny_epoch(synthetic_env, mlflow_store)
     assert v2.select_metric == "last"  # what the paper's code keeps (configs/recipes.yaml says why)
     assert v2.ranking_metric == "auc" and config_from_recipe("quick").ranking_metric == "acc"
     assert config_from_recipe("best", dataset="breastmnist").members == 5
+    assert config_from_recipe("best", dataset="organamnist").members == 2
     assert config_from_recipe("quick", model="cnn").model_kwargs == {}  # the recipe's options were its model's
     assert config_from_recipe("quick", model_kwargs={"dropout": 0.1}).model_kwargs == {"width": 16, "dropout": 0.1}
 
