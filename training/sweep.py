@@ -264,7 +264,7 @@ def log_study_results(study: optuna.Study, base: TrainConfig, storage: str) -> N
         _log_study(study, base)
 
 
-def _log_study(study: optuna.Study, base: TrainConfig) -> None:
+def _log_study(study: optuna.Study, base: TrainConfig) -> None:  # called under the study lock only
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     states = {state.name.lower(): sum(t.state == state for t in study.trials) for state in optuna.trial.TrialState}
     mlflow.log_metrics({f"trials_{k}": v for k, v in states.items()})
