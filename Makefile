@@ -1,4 +1,4 @@
-# `make train` and `make test` set everything up on a fresh machine (Python 3.11 with venv) and run.
+# `make train` and `make test-all` set everything up on a fresh machine (Python 3.11 with venv) and run.
 VENV ?= .venv
 PYTHON ?= python3
 # `mlflow run --env-manager local` calls `python` from PATH: make it the project's environment.
@@ -12,7 +12,7 @@ DATASET ?= organamnist
 NAME ?= organamnist-architectures
 BUDGET ?= quick
 
-.PHONY: setup train study test lint ui clean
+.PHONY: setup train study test test-all lint ui clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ train: setup
 study: setup
 	mlflow run . -e study --env-manager local --experiment-name study-$(NAME) -P name=$(NAME) -P budget=$(BUDGET) $(ARGS)
 
+# The fast tier: every module, no training beyond a few seconds, no subprocess or server (a few minutes).
 test: setup
+	python -m pytest -m "not slow and not e2e" $(ARGS)
+
+# Every tier: in-process training (slow) and subprocesses, servers, PostgreSQL (e2e). What CI runs.
+test-all: setup
 	python -m pytest $(ARGS)
 
 lint: setup
@@ -36,7 +41,7 @@ lint: setup
 	lint-imports
 
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+	python -m training.cli ui --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

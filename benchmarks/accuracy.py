@@ -56,8 +56,8 @@ METRICS = ("test_acc", "test_auc", "best_val_acc", "train_time", "wall_time")
 
 def fingerprint(recipe: str, dataset: str) -> str:
     """What the recipe sets for this dataset, hashed: a result is current only while this is unchanged."""
-    from training.options import to_text
-    from training.recipes import load_recipes
+    from training.core.options import to_text
+    from training.core.recipes import load_recipes
 
     values = load_recipes()[recipe].values_for(dataset)
     text = json.dumps({k: to_text(v) for k, v in sorted(values.items())})

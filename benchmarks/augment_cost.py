@@ -18,10 +18,11 @@ import torch
 from common import real_data_dir, write_section
 
 import zoo
-from training import policy
-from training.augment import Augmenter
-from training.data import load_dataset
-from training.engine import make_optimizer, to_input
+from training.core import policy
+from training.core.augment import Augmenter
+from training.core.data import load_dataset
+from training.core.devices import to_input
+from training.core.optim import make_optimizer
 
 BATCH = 128
 

@@ -6,12 +6,16 @@ import datetime as dt
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+# The benchmarks start the stack and servers as the tests do (tests/helpers): one place for each.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def real_data_dir() -> Path:

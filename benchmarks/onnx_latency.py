@@ -19,13 +19,13 @@ import torch
 from common import write_section
 
 import zoo
-from training.export import export_onnx
+from training.export.onnx import export_onnx
 
 
 def images(n: int) -> np.ndarray:
     try:
         from benchmarks.common import real_data_dir
-        from training.data import load_dataset
+        from training.core.data import load_dataset
 
         val = load_dataset("organamnist", real_data_dir()).val
         return (val.images[:n].float() / 255).numpy()

@@ -40,8 +40,8 @@ def cases(datasets: list[str] | None) -> list[dict]:
 
 def key(case: dict) -> str:
     """The fully resolved training parameters: a result stays valid while they do, whatever the recipes say."""
-    from training.config import parse_model_kwargs
-    from training.recipes import config_from_recipe
+    from training.core.config import parse_model_kwargs
+    from training.core.recipes import config_from_recipe
 
     values = dict(case["values"])
     if isinstance(values.get("model_kwargs"), str):
@@ -56,30 +56,28 @@ def run_case(case: dict, data_dir: str, device: str) -> dict:
     import torch
 
     import zoo
-    from training import policy
-    from training.data import load_dataset
-    from training.engine import evaluate, fit, resolve_device
-    from training.recipes import config_from_recipe
-    from training.train import build_model, fit_options
+    from training.core.config import resolve
+    from training.core.engine import evaluate, fit
+    from training.core.recipes import config_from_recipe
+    from training.workflows.network import build_model, fit_options, load
 
     torch.set_num_threads(1 if device == "cuda" else torch.get_num_threads())
     given = {"dataset": case["dataset"], "seed": case["seed"], "data_dir": data_dir, "device": device}
-    config = config_from_recipe(case["base"], **given, **case["values"]).validate()
+    run = resolve(config_from_recipe(case["base"], **given, **case["values"]))
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    dataset = load_dataset(config.dataset, config.data_path, seed=config.seed)
-    model, _ = build_model(config, dataset)
-    device = resolve_device(config.device)
+    torch.manual_seed(run.config.seed)
+    dataset = load(run)
+    model, _ = build_model(run.config, dataset)
     result = fit(
         model,
         dataset.train,
         dataset.val,
         dataset.class_names,
-        fit_options(config, dataset, model, device),
+        fit_options(run, model),
         progress=False,
     )
-    views = policy.resolve_tta(config.tta, config.dataset)
-    final = (zoo.TTAClassifier(model, views) if views else model).to(device)
+    device = run.device
+    final = (zoo.TTAClassifier(model, run.tta) if run.tta else model).to(device)
     metrics, _ = evaluate(final, dataset.val, dataset.class_names, "val")
     return {
         **case,

@@ -20,14 +20,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import ROOT, real_data_dir, write_section
 
+from tests.helpers.stack import start_stack
+
 RESULTS_FILE = ROOT / "benchmarks" / "scale_out_results.jsonl"
-STACK = ROOT / "scripts" / "stack.sh"
 SPACE = """
 common:
   lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -35,29 +35,6 @@ models:
   cnn:
     model.filters: {type: categorical, choices: ["16,32", "32,64"]}
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_stack(folder: Path) -> tuple[dict, dict]:
-    folder.chmod(0o755)
-    settings = {
-        "MEDZOO_STACK_DIR": str(folder),
-        "MEDZOO_PG_PORT": str(free_port()),
-        "MEDZOO_MLFLOW_PORT": str(free_port()),
-        "MEDZOO_MLFLOW_WORKERS": "1",
-    }
-    up = subprocess.run([str(STACK), "up"], env={**os.environ, **settings}, capture_output=True, text=True)
-    if up.returncode != 0:
-        raise SystemExit(f"scripts/stack.sh up failed:\n{up.stderr}")
-    env = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
-    return settings, env
 
 
 def cli(*args: str) -> list[str]:
@@ -162,10 +139,9 @@ def main() -> None:
     if args.fresh and RESULTS_FILE.exists():
         RESULTS_FILE.unlink()
     results = load_results()
-    folder = Path(tempfile.mkdtemp(prefix="medzoo-bench-stack-"))
-    workdir = folder / "worker"
-    settings, stack_env = start_stack(folder)
-    env = {**os.environ, **stack_env, "MEDZOO_DATA_DIR": str(real_data_dir())}
+    stack = start_stack(prefix="medzoo-bench-stack-")
+    folder, workdir = stack.folder, stack.folder / "worker"
+    env = {**os.environ, **stack.env, "MEDZOO_DATA_DIR": str(real_data_dir())}
     workdir.mkdir()
     space = folder / "space.yaml"
     space.write_text(SPACE)
@@ -185,7 +161,7 @@ def main() -> None:
                     keep(results[case])
                     print(json.dumps(results[case]), flush=True)
     finally:
-        subprocess.run([str(STACK), "purge"], env={**os.environ, **settings}, capture_output=True)
+        stack.run("purge")
         shutil.rmtree(folder, ignore_errors=True)
     body = (
         "## Scale-out on one machine: 1 vs 2 sweep workers and 1 vs 2 training processes "

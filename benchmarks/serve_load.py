@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,16 +33,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from common import real_data_dir, write_section
+from common import ROOT, real_data_dir, write_section
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.net import free_port
 
 
 def server_cpu_seconds(process: psutil.Process) -> float:
@@ -100,7 +93,7 @@ def deployed_stores(workdir: Path, data_dir: Path) -> dict:
 
 
 def organ_test_images(data_dir: Path, count: int):
-    from training.data import load_dataset  # (after the env points at the temp stores)
+    from training.core.data import load_dataset  # (after the env points at the temp stores)
 
     return load_dataset("organamnist", data_dir).test.images[:count]
 

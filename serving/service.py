@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.routing import request_response
 
 from contract import REGISTERED_MODEL_PREFIX, ModelCard
-from serving import bentoml_fixes
+from serving import bentoml_fixes, draining
 from serving.catalog import ONNX_FILE, Catalog, ServedModel, make_session
 from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
 from serving.preprocessing import (
@@ -44,14 +44,15 @@ from serving.preprocessing import (
 from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Prediction, Reloaded, TaskInfo
 
 bentoml_fixes.apply()
+draining.install()
 logger = logging.getLogger("medzoo")
 
 API_KEY_ENV = "MEDZOO_API_KEY"  # the prediction routes need it when set
 ADMIN_KEY_ENV = "MEDZOO_ADMIN_KEY"  # the admin routes exist only when set
 HOST_ENV, LOCAL_HOST = "MEDZOO_HOST", "127.0.0.1"
 RELOAD_INTERVAL_ENV, DEFAULT_RELOAD_INTERVAL_S = "MEDZOO_RELOAD_INTERVAL_S", 2.0
-# SIGTERM: finish what is in flight until nothing has arrived for DRAIN_QUIET_S, at most DRAIN_TIMEOUT_S.
-DRAIN_QUIET_S, DRAIN_TIMEOUT_S = 0.5, 20.0
+# SIGTERM: answer every request accepted so far (serving.draining counts them), for at most DRAIN_TIMEOUT_S.
+DRAIN_TIMEOUT_S = 20.0
 
 
 def store_models() -> dict[str, bentoml.models.BentoModel]:
@@ -187,23 +188,17 @@ class MedZoo:
             self.in_flight -= 1
 
     def _drain_then_shut_down(self, signum, frame) -> None:
-        """SIGTERM: uvicorn would close every connection whose request it has not started yet (an upload still
-        arriving is cut off). Stop being ready, answer everything in flight until it has been quiet for a moment
-        (or DRAIN_TIMEOUT_S passed), then hand the signal to uvicorn's own graceful shutdown."""
+        """SIGTERM: uvicorn would close every connection whose request it has not started yet. Stop being ready,
+        answer every request accepted so far (``serving.draining.unanswered``; at most DRAIN_TIMEOUT_S), then hand
+        the signal to uvicorn's own graceful shutdown."""
         if self.draining:  # a second SIGTERM: no more waiting
             self._shut_down(signum, frame)
             return
         self.draining = True
 
         def drain():
-            deadline, quiet_since = time.monotonic() + DRAIN_TIMEOUT_S, None
-            while time.monotonic() < deadline:
-                if self.in_flight:
-                    quiet_since = None
-                elif quiet_since is None:
-                    quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since >= DRAIN_QUIET_S:
-                    break
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while (self.in_flight or draining.unanswered()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._shut_down(signum, None)
 

@@ -13,16 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import bentoml_server, project_env, shrunk, store_with_synthetic_data
-from training import onnx_compose
-from training.classical import ClassicalConfig, estimator_pipeline, load_grid, run_classical
+from tests.helpers.net import bentoml_server
+from tests.helpers.runs import project_env, shrunk, store_with_synthetic_data
 from training.cli import main as cli_main
-from training.data import load_dataset
-from training.engine import to_input
-from training.export import export_onnx, export_run, load_logged_model
-from training.features import extract, rebuild_network, without_classifier
-from training.register import register_best
-from training.train import run_training
+from training.core.data import load_dataset
+from training.core.devices import to_input
+from training.core.features import extract, rebuild_network, without_classifier
+from training.export import compose
+from training.export.onnx import export_onnx, export_run, load_logged_model
+from training.export.register import register_best
+from training.workflows.classical import ClassicalConfig, estimator_pipeline, load_grid, run_classical
+from training.workflows.train import run_training
 
 pytestmark = pytest.mark.slow
 DATASET = "breastmnist"
@@ -94,10 +95,8 @@ def test_one_onnx_graph_of_features_and_svm_matches_the_python_path(runs):
     data = load_dataset(DATASET)
     train = extract(extractor, data.train.images)
     svm = estimator_pipeline("svm", seed=0).fit(train, data.train.labels.numpy())
-    graph = export_onnx(extractor, 28, 1, {}, output_name=onnx_compose.FEATURES)
-    chained = onnx_compose.chain(
-        graph, onnx_compose.sklearn_graph(svm, train.shape[1], onnx_compose.opset_of(graph)), {}
-    )
+    graph = export_onnx(extractor, 28, 1, {}, output_name=compose.FEATURES)
+    chained = compose.chain(graph, compose.sklearn_graph(svm, train.shape[1], compose.opset_of(graph)), {})
     pixels = to_input(data.test.images[:32]).numpy()
     logits = ort.InferenceSession(chained.SerializeToString()).run(None, {"pixels": pixels})[0]
     python_path = svm.predict_proba(extract(extractor, data.test.images[:32]))
@@ -172,20 +171,20 @@ def test_bad_classical_input_names_the_value_and_creates_no_run(argv, message, r
 
 @pytest.fixture(scope="module")
 def ensemble(runs):
-    from training.ensemble import EnsembleConfig, run_ensemble
+    from training.workflows.ensemble import EnsembleConfig, run_ensemble
 
     return run_ensemble(EnsembleConfig(runs=[runs["cnn"], runs["svm"].run_id, runs["rf"].run_id]))
 
 
 def member_probabilities(run_ids: list[str], split: str) -> list[np.ndarray]:
-    from training.export import onnx_probabilities
+    from training.export.onnx import onnx_probabilities
 
     images = to_input(load_dataset(DATASET).split(split).images).numpy()
     return [onnx_probabilities(export_run(r).proto, images) for r in run_ids]
 
 
 def test_ensemble_weights_are_chosen_on_validation_alone(runs, ensemble):
-    from training.ensemble import validation_weights
+    from training.workflows.ensemble import validation_weights
 
     run = mlflow.get_run(ensemble.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["kind"] == "ensemble"
@@ -200,7 +199,7 @@ def test_ensemble_weights_are_chosen_on_validation_alone(runs, ensemble):
 
 
 def test_auto_weights_fall_back_to_equal_where_the_log_loss_optimum_classifies_validation_worse():
-    from training.ensemble import log_loss_weights, validation_weights
+    from training.workflows.ensemble import log_loss_weights, validation_weights
 
     labels = np.array([0, 0, 0, 1])
     # A is confident and wrong on one image; B is right on all four but never confident

@@ -3,8 +3,9 @@ import pytest
 import torch
 from medmnist import INFO
 
-from tests.conftest import REAL_DATA_DIR, requires_real_data, write_idx, write_synthetic_medmnist
-from training.data import (
+from tests.helpers.data import write_idx, write_synthetic_medmnist
+from tests.helpers.paths import REAL_DATA_DIR, requires_real_data
+from training.core.data import (
     DatasetError,
     Split,
     list_datasets,

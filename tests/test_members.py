@@ -4,12 +4,13 @@ import mlflow
 import numpy as np
 import pytest
 
-import training.train
-from tests.conftest import shrunk
-from training.config import ConfigError
-from training.export import export_run, onnx_probabilities
-from training.members import MEMBER_OF_TAG, MEMBER_TAG
-from training.train import resumption, run_training
+import training.workflows.network
+from tests.helpers.runs import shrunk
+from training.core.config import ConfigError
+from training.export.onnx import export_run, onnx_probabilities
+from training.tracking.resume import resumption
+from training.workflows.members import MEMBER_OF_TAG, MEMBER_TAG
+from training.workflows.train import run_training
 
 
 class Crash(RuntimeError):
@@ -29,7 +30,7 @@ def member_runs(parent_id: str) -> list:
 
 def crash_member_with_seed(seed: int, monkeypatch):
     """The member trained with ``seed`` fails after its first epoch (after that epoch's checkpoint)."""
-    real_fit = training.train.fit
+    real_fit = training.workflows.network.fit
 
     def fit(model, train, val, class_names, options, log_epoch, *args, **kwargs):
         if options.seed == seed and kwargs.get("resume") is None:
@@ -41,7 +42,7 @@ def crash_member_with_seed(seed: int, monkeypatch):
             return real_fit(model, train, val, class_names, options, log_then_crash, *args, **kwargs)
         return real_fit(model, train, val, class_names, options, log_epoch, *args, **kwargs)
 
-    monkeypatch.setattr(training.train, "fit", fit)
+    monkeypatch.setattr(training.workflows.network, "fit", fit)
 
 
 def test_members_train_with_their_own_seeds_and_a_stopped_parent_goes_on_to_the_same_ensemble(

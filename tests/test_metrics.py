@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from medmnist.evaluator import getACC, getAUC
 
-from training.metrics import classification_metrics, metric_safe
+from training.core.metrics import classification_metrics, metric_safe
 
 
 @pytest.mark.parametrize("num_classes, task", [(2, "binary-class"), (5, "multi-class"), (5, "ordinal-regression")])

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, project_env, shrunk
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import project_env, shrunk
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def test_mlflow_run_main_trains_then_registers_with_nested_runs(synthetic_env, m
 
 
 def test_mlflow_run_export_writes_a_checked_onnx_file(synthetic_env, mlflow_store, tmp_path):
-    from training.train import run_training
+    from training.workflows.train import run_training
 
     outcome = run_training(shrunk(model="mlp", dataset="breastmnist", epochs=1), progress=False)
     output = tmp_path / "exported" / "breast.onnx"

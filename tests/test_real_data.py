@@ -2,10 +2,10 @@
 
 import pytest
 
-from tests.conftest import REAL_DATA_DIR, requires_real_data
-from training.config import TrainConfig
-from training.data import load_dataset
-from training.train import run_training
+from tests.helpers.paths import REAL_DATA_DIR, requires_real_data
+from training.core.config import TrainConfig
+from training.core.data import load_dataset
+from training.workflows.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, requires_real_data]
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import WEIGHTS_DIR
-from training import policy
-from training.augment import OPS, Augmenter, AugmentError
+from tests.helpers.paths import WEIGHTS_DIR
 from training.cli import main as cli_main
-from training.config import TrainConfig
-from training.data import Split
-from training.engine import FitOptions, class_weights, epoch_order, fit
-from training.recipes import config_from_recipe, load_recipes
-from training.train import run_training
+from training.core import policy
+from training.core.augment import OPS, Augmenter, AugmentError
+from training.core.config import TrainConfig
+from training.core.data import Split
+from training.core.engine import FitOptions, class_weights, epoch_order, fit
+from training.core.recipes import config_from_recipe, load_recipes
+from training.workflows.train import run_training
 
 LITE0_WEIGHTS = WEIGHTS_DIR / "efficientnet_lite0_in1k_timm.safetensors"
 
@@ -122,7 +122,7 @@ def test_freeze_beyond_the_stages_is_a_clear_error():
 
 
 def test_tta_in_the_onnx_graph_matches_pytorch():
-    from training.export import check_parity, export_onnx
+    from training.export.onnx import check_parity, export_onnx
 
     torch.manual_seed(0)
     for channels, dataset in ((3, "bloodmnist"), (1, "organamnist")):
@@ -174,7 +174,7 @@ def test_every_recipe_loads_and_runs_one_tiny_epoch(synthetic_env, mlflow_store)
 
 @pytest.mark.slow
 def test_a_tta_run_exports_with_its_views_and_parity(synthetic_env, mlflow_store):
-    from training.export import export_run
+    from training.export.onnx import export_run
 
     config = config_from_recipe("quick", dataset="bloodmnist", epochs=1, batch_size=32, model_kwargs={"width": 4})
     outcome = run_training(config, progress=False)

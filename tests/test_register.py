@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import shrunk, store_with_synthetic_data
-from training.export import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
-from training.register import RegistrationError, candidate_runs, choose_best, register_best
-from training.train import run_training
+from tests.helpers.runs import shrunk, store_with_synthetic_data
+from training.export.onnx import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
+from training.export.register import RegistrationError, candidate_runs, choose_best, register_best
+from training.workflows.train import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_a_corrupted_export_fails_the_parity_check(store):
     images = np.random.default_rng(0).random((16, 3, 28, 28), dtype=np.float32)
     report = check_parity(proto, model, images)
     assert not report.ok and report.max_abs_diff > 1e-4
-    from training.export import require_parity
+    from training.export.onnx import require_parity
 
     with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(allowed 1e-04\)"):
         require_parity(proto, model, images)
@@ -141,7 +141,7 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir,
 
     # Parity on real validation images, and the pyfunc of the champion predicts on a batch.
     pytorch_model, _ = load_logged_model(store["small"])
-    from training.data import load_dataset
+    from training.core.data import load_dataset
 
     images = load_dataset("bloodmnist", synthetic_data_dir).val.images[:32].float().numpy() / 255
     with torch.no_grad():
@@ -174,7 +174,7 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir,
 
 REGISTER_ONE = """
 import sys, mlflow
-from training.register import register_run
+from training.export.register import register_run
 run = mlflow.get_run(sys.argv[1])
 print(register_run(run, "bloodmnist", "best_val_auc", force=False).message)
 """
@@ -184,7 +184,8 @@ def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(t
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, project_env
+    from tests.helpers.paths import ROOT
+    from tests.helpers.runs import project_env
 
     with store_with_synthetic_data(tmp_path, synthetic_data_dir) as uri:
         client = mlflow.MlflowClient()
@@ -217,7 +218,7 @@ def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(t
 
 def test_onnx_probabilities_of_a_split_larger_than_one_call_match_one_pass(tmp_path):
     """A split is scored in bounded calls (whole OrganAMNIST splits at once ran out of memory), same numbers."""
-    from training.export import ONNX_IMAGES_PER_CALL, onnx_probabilities
+    from training.export.onnx import ONNX_IMAGES_PER_CALL, onnx_probabilities
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1 * 28 * 28, 5)).eval()

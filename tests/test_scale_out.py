@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -23,12 +20,13 @@ import optuna
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, project_env, shrunk
+from tests.helpers.net import free_port
+from tests.helpers.runs import project_env, shrunk
+from tests.helpers.stack import postgres_installed, start_stack
 from training.cli import main
-from training.sweep import log_study_results, study_lock
+from training.workflows.sweep import log_study_results, study_lock
 
 pytestmark = pytest.mark.slow
-STACK = ROOT / "scripts" / "stack.sh"
 SPACE = """
 common:
   lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
@@ -38,49 +36,20 @@ models:
 """
 
 
-def postgres_installed() -> bool:
-    return shutil.which("pg_config") is not None or any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-
-
-@dataclass
-class Stack:
-    folder: Path
-    settings: dict  # MEDZOO_STACK_DIR and the ports, for scripts/stack.sh
-    env: dict  # MLFLOW_TRACKING_URI, MEDZOO_OPTUNA_STORAGE, PGPASSFILE, as `scripts/stack.sh env` prints them
-
-    def run(self, command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(STACK), command], env=project_env(**self.settings), capture_output=True, text=True, timeout=300
-        )
-
-
 @pytest.fixture(scope="module")
 def stack():
     if not postgres_installed():
         if os.environ.get("CI"):
             pytest.fail("CI must install PostgreSQL (.ci/run does: apt-get install -y postgresql)")
         pytest.skip("PostgreSQL's server programs are not installed (apt-get install -y postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="medzoo-stack-"))
-    folder.chmod(0o755)  # PostgreSQL runs as the postgres user, which must enter the folder
-    settings = {
-        "MEDZOO_STACK_DIR": str(folder),
-        "MEDZOO_PG_PORT": str(free_port()),
-        "MEDZOO_MLFLOW_PORT": str(free_port()),
-        "MEDZOO_MLFLOW_WORKERS": "1",
-    }
-    stack = Stack(folder, settings, {})
-    up = stack.run("up")
-    assert up.returncode == 0, up.stderr[-3000:]
-    for line in up.stdout.splitlines():  # export NAME=value
-        name, _, value = line.removeprefix("export ").partition("=")
-        stack.env[name] = value
+    stack = start_stack()
     assert set(stack.env) == {"MLFLOW_TRACKING_URI", "MEDZOO_OPTUNA_STORAGE", "PGPASSFILE"}
     try:
         yield stack
     finally:
         purged = stack.run("purge")
         assert purged.returncode == 0, purged.stderr[-2000:]
-        assert not folder.exists()
+        assert not stack.folder.exists()
 
 
 @pytest.fixture

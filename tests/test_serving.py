@@ -20,19 +20,13 @@ from PIL import Image
 
 from contract import Preprocessing
 from serving.preprocessing import MAX_BATCH_IMAGES, decode_image, to_model_input
-from tests.conftest import (
-    REAL_DATA_DIR,
-    ROOT,
-    bentoml_server,
-    project_env,
-    requires_real_data,
-    shrunk,
-    store_with_synthetic_data,
-)
-from training.data import load_dataset
-from training.engine import to_input
-from training.register import register_best
-from training.train import run_training
+from tests.helpers.net import bentoml_server
+from tests.helpers.paths import REAL_DATA_DIR, ROOT, requires_real_data
+from tests.helpers.runs import project_env, shrunk, store_with_synthetic_data
+from training.core.data import load_dataset
+from training.core.devices import to_input
+from training.export.register import register_best
+from training.workflows.train import run_training
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import ROOT, bentoml_server, project_env, shrunk, store_with_synthetic_data
-from training.data import load_dataset
-from training.register import register_best
-from training.train import run_training
+from tests.helpers.net import bentoml_server
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import project_env, shrunk, store_with_synthetic_data
+from training.core.data import load_dataset
+from training.export.register import register_best
+from training.workflows.train import run_training
 
 pytestmark = pytest.mark.slow
 API_KEY, ADMIN_KEY = "test-key-5f1c", "admin-key-9b2e"

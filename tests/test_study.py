@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import store_with_synthetic_data
+from tests.helpers.runs import store_with_synthetic_data
 from training.cli import main as cli_main
-from training.study import STUDIES_DIR, StudyError, StudyOptions, load_study, run_study, study_names
-from training.study_report import top_confusions
-from training.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+from training.tracking.lifecycle import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+from training.workflows.study.report import top_confusions
+from training.workflows.study.run import run_study
+from training.workflows.study.spec import STUDIES_DIR, StudyError, StudyOptions, load_study, study_names
 
 SHIPPED = ["blood-transfer-learning", "breast-blood-classical-hybrid", "fashion-fcn-alexnet"]
 SHIPPED += ["mnist-fashion-cnn-mlp", "organamnist-architectures"]

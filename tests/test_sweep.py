@@ -8,10 +8,10 @@ import mlflow
 import optuna
 import pytest
 
-from tests.conftest import project_env, shrunk
-from training.cli import SweepOptions
-from training.config import ConfigError
-from training.sweep import run_sweep as run_sweep_with_options
+from tests.helpers.runs import project_env, shrunk
+from training.core.config import ConfigError
+from training.workflows.sweep import SweepOptions
+from training.workflows.sweep import run_sweep as run_sweep_with_options
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +184,7 @@ def test_bad_sweep_input_fails_before_any_run(space, trials, model, message, syn
 
 
 def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
-    from training.leaderboard import run_leaderboard
+    from training.workflows.leaderboard import run_leaderboard
 
     parent_id, rows = run_leaderboard(
         ["mlp", "cnn"],

@@ -1,4 +1,4 @@
-"""SIGTERM ends a command cleanly even where Python would swallow the exception (training.termination)."""
+"""SIGTERM ends a command cleanly even where Python would swallow the exception (training.core.termination)."""
 
 import os
 import signal
@@ -6,21 +6,59 @@ import weakref
 
 import pytest
 
-from training import termination
-from training.termination import Terminated
+from training.core import termination
+from training.core.termination import Terminated
 
 
 def sigterm_self() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_outside_the_training_loop_sigterm_raises_at_once():
+@pytest.fixture(autouse=True)
+def pytest_keeps_its_sigterm_handler():
+    """A command that was terminated keeps ignoring SIGTERM to its exit; this process goes on, so restore."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_outside_the_training_loop_sigterm_raises_at_once_and_later_ones_are_ignored():
     with termination.handling_sigterm():
         with pytest.raises(Terminated, match="terminated by SIGTERM"):
             sigterm_self()
             for _ in range(10**6):  # the handler runs between bytecodes
                 pass
-    assert signal.getsignal(signal.SIGTERM) is not termination._on_sigterm  # the previous handler is back
+    sigterm_self()  # the exit is under way: the default action would end the process by the signal
+    for _ in range(10**6):
+        pass
+    assert signal.getsignal(signal.SIGTERM) is termination._on_sigterm
+
+
+def test_a_command_that_was_not_terminated_gives_the_previous_handler_back():
+    previous = signal.getsignal(signal.SIGTERM)
+    with termination.handling_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is termination._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_two_signals_close_together_raise_once_and_the_clean_up_runs():
+    raised, cleaned = [], []
+    with termination.handling_sigterm():
+        for _ in range(20):  # the second signal lands before, inside or after the first one's handler
+            termination._requested = False
+            try:
+                try:
+                    sigterm_self()
+                    sigterm_self()
+                    for _ in range(10**5):
+                        pass
+                finally:
+                    for _ in range(10**5):
+                        pass
+                    cleaned.append(True)
+            except Terminated:
+                raised.append(True)
+    assert len(raised) == 20 and len(cleaned) == 20
 
 
 def test_inside_the_training_loop_sigterm_waits_for_the_next_check():

@@ -6,10 +6,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import shrunk
-from training.config import ConfigError, TrainConfig, parse_model_kwargs
-from training.data import DatasetError
-from training.train import run_training
+from tests.helpers.runs import shrunk
+from training.core.config import ConfigError, TrainConfig, parse_model_kwargs
+from training.core.data import DatasetError
+from training.workflows.train import run_training
 
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "epoch_time")
 
@@ -73,7 +73,7 @@ def test_select_metric_last_keeps_the_final_raw_weights(synthetic_env, mlflow_st
 
 
 def test_selection_keeps_the_best_candidate_and_counts_patience():
-    from training.engine import Selection
+    from training.core.engine import Selection
 
     selection, states = Selection(patience=2), {}
     scores = [{"raw": 0.5}, {"raw": 0.7, "ema": 0.8}, {"raw": 0.79, "ema": 0.8}, {"raw": float("nan")}]

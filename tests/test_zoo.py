@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import zoo
-from tests.conftest import WEIGHTS_DIR
+from tests.helpers.paths import WEIGHTS_DIR
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])

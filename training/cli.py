@@ -1,9 +1,10 @@
 """The command line of every entry point, and the one place that turns errors into exit codes.
 
     python -m training.cli train --model cnn --dataset breastmnist --epochs 5
-    python -m training.cli {train,sweep,leaderboard,pipeline,register,export,classical,ensemble,study,deploy} --help
+    python -m training.cli COMMAND --help     # COMMAND: train, sweep, leaderboard, pipeline, register, export,
+                                              # classical, ensemble, study, runs, deploy
 
-Each sub-command's flags are generated from dataclasses: :class:`training.config.TrainConfig` for everything
+Each sub-command's flags are generated from dataclasses: :class:`training.core.config.TrainConfig` for everything
 that trains, and the small option sets below. Training flags start from a named recipe (``--recipe``, default
 ``quick``): a flag given overrides the recipe's value, one not given takes it. MLproject's entry points call
 these sub-commands with the same parameter names and types (``tests/test_project_files.py`` keeps them equal).
@@ -20,10 +21,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from training import termination
-from training.backends import BackendError, check_tracking
-from training.config import TrainConfig
-from training.options import AUTO, NONE, OptionError, help_of, option, parse_key_values, parser_for, to_text
+import mlflow
+
+from serving.deploy import bentoml_home
+from serving.deploy import deploy as deploy_champions
+from training.core import distributed, termination
+from training.core.config import TrainConfig, resolve
+from training.core.options import AUTO, NONE, OptionError, help_of, option, parse_key_values, parser_for, to_text
+from training.core.recipes import NOT_IN_RECIPES, config_from_recipe
+from training.export.onnx import ExportOptions, export_run, write_onnx
+from training.export.register import RegisterOptions, register_best
+from training.tracking import orphans
+from training.tracking.resume import resumption
+from training.tracking.stores import BackendError, check_tracking, masked
+from training.tracking.ui import runs_table_links
+from training.workflows.classical import ClassicalConfig, run_classical
+from training.workflows.ensemble import EnsembleConfig, run_ensemble
+from training.workflows.leaderboard import LeaderboardOptions, run_leaderboard
+from training.workflows.leaderboard import to_markdown as leaderboard_markdown
+from training.workflows.pipeline import PipelineOptions, run_pipeline
+from training.workflows.study.run import run_study
+from training.workflows.study.spec import StudyOptions
+from training.workflows.study.spec import describe as describe_study
+from training.workflows.sweep import SweepOptions, run_sweep
+from training.workflows.sweep import summary as sweep_summary
+from training.workflows.train import MEMBERS_IN_ONE_PROCESS, DistributedOptions, ResumeOptions, run_training
 
 DEFAULT_RECIPE = "quick"
 MODEL_OPTION_FLAG = "--model."
@@ -31,58 +53,22 @@ ALL = "all"
 FROM_RECIPE = "from the recipe"
 
 
-@dataclass
-class ResumeOptions:
-    resume: str = option(
-        NONE, f"id of a FAILED, KILLED or orphaned run to continue from its last checkpoint ({NONE}: a new run)"
-    )
-
-
-@dataclass
-class DistributedOptions:
-    nproc: int = option(
-        1, "training processes on this machine, data-parallel (torch.distributed: gloo on CPUs, NCCL on GPUs)"
-    )
-
-
-@dataclass
-class SweepOptions:
-    trials: int = option(20, "trials this worker runs (added to the study's count)")
-    space_file: str = option("configs/search_spaces.yaml", "YAML search space (relative: to here, else the project)")
-    storage: str = option(
-        AUTO, f"Optuna storage as an SQLAlchemy URL ({AUTO}: $MEDZOO_OPTUNA_STORAGE, else sqlite:///optuna.db)"
-    )
-    study_name: str = option(AUTO, f"the study's name ({AUTO}: <model>-<dataset>)")
-    pruning: bool = option(True, "median pruning on the per-epoch validation metric")
-
-
-@dataclass
-class LeaderboardOptions:
-    models: list = option(["mlp", "cnn", "resnet18"], "comma-separated zoo models")
-    datasets: list = option(["breastmnist", "bloodmnist"], "comma-separated datasets")
-
-
-@dataclass
-class PipelineOptions:
-    models: list = option(["cnn", "mobilenetv2"], "comma-separated zoo models, each trained as a nested run")
-
-
-@dataclass
-class RegisterOptions:
-    dataset: str = option("organamnist", "dataset whose best finished run is registered")
-    metric: str = option("auc", "validation metric that chooses: auc or acc")
-    force: bool = option(False, "make the chosen version champion even if it does not beat the current one")
-
-
-@dataclass
-class ExportOptions:
-    run_id: str = option(help="the training run to export")
-    output: str = option(AUTO, f"also write the .onnx file here ({AUTO}: only log it to the run)")
-
-
+# serving/ imports nothing of training/ (its contract), so the deploy command's options live here.
 @dataclass
 class DeployOptions:
     datasets: list = option([ALL], f"comma-separated datasets ({ALL}: every champion)")
+
+
+@dataclass
+class UiOptions:
+    host: str = option("127.0.0.1", "address the MLflow UI listens on")
+    port: int = option(5000, "port of the MLflow UI")
+
+
+RUNS_ACTIONS = {
+    "list": "every RUNNING run, and whether its process is alive, orphaned (this host, pid gone) or on another host",
+    "reap": "mark the orphaned runs FAILED with the reason (then resume them with train --resume RUN_ID)",
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +82,10 @@ class Command:
     run_name: Callable[[argparse.Namespace], str]
     # Training parameters this command takes (TrainConfig fields less these); None: it trains nothing.
     training_excludes: tuple[str, ...] | None = None
+    # A positional ACTION argument (name -> help), the first the default: `runs list`, `runs reap`.
+    actions: dict[str, str] | None = None
+    # An MLproject entry point calls it (housekeeping commands are not runs of their own).
+    entry_point: bool = True
 
     @property
     def trains(self) -> bool:
@@ -124,8 +114,6 @@ def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def add_training_fields(parser: argparse.ArgumentParser, exclude: tuple[str, ...]) -> None:
     """TrainConfig's fields: the recipe's values unless given (recipes set no dataset, folder, seed or device)."""
-    from training.recipes import NOT_IN_RECIPES
-
     group = parser.add_argument_group("training (every value not given comes from the recipe)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
@@ -152,8 +140,6 @@ def build(cls: type, args: argparse.Namespace, **values):
 
 def build_training(args: argparse.Namespace, exclude: tuple[str, ...] = (), **values) -> TrainConfig:
     """The recipe named by ``--recipe``, overridden by every training flag given."""
-    from training.recipes import config_from_recipe
-
     for f in dataclasses.fields(TrainConfig):
         text = getattr(args, f.name, None)
         if f.name not in exclude and f.name != "recipe" and text is not None:
@@ -196,9 +182,6 @@ def _progress(args) -> bool:
 
 
 def train(args) -> str:
-    from training import distributed
-    from training.engine import resolve_device
-    from training.train import MEMBERS_IN_ONE_PROCESS, resumption, run_training
 
     resume = build(ResumeOptions, args).resume
     nproc, world = build(DistributedOptions, args).nproc, distributed.current()
@@ -208,10 +191,10 @@ def train(args) -> str:
     if nproc > 1 and not world.distributed:  # check everything here, then run this command under torchrun
         if resume != NONE:
             raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
-        config = build_training(args).validate()
-        if config.members > 1:
+        run = resolve(build_training(args))
+        if run.config.members > 1:
             raise distributed.DistributedError(MEMBERS_IN_ONE_PROCESS)
-        distributed.check(nproc, config.batch_size, resolve_device(config.device))
+        distributed.check(nproc, run.config.batch_size, run.device)
         distributed.launch(args.argv, nproc)
     if resume == NONE:
         outcome = run_training(build_training(args), progress=_progress(args))
@@ -228,15 +211,13 @@ def train(args) -> str:
 
 
 def sweep(args) -> str:
-    from training.sweep import run_sweep, summary
 
     options = build(SweepOptions, args)
     result = run_sweep(build_training(args), options, progress=_progress(args))
-    return summary(result)
+    return sweep_summary(result)
 
 
 def leaderboard(args) -> str:
-    from training.leaderboard import run_leaderboard, to_markdown
 
     options = build(LeaderboardOptions, args)
 
@@ -244,18 +225,16 @@ def leaderboard(args) -> str:
         return build_training(args, exclude=("model", "dataset"), model=model, dataset=dataset)
 
     _, rows = run_leaderboard(options.models, options.datasets, make_config, progress=_progress(args))
-    return to_markdown(rows)
+    return leaderboard_markdown(rows)
 
 
 def pipeline(args) -> str:
-    from training.pipeline import run_pipeline
 
     options = build(PipelineOptions, args)
     return run_pipeline(options.models, lambda model: build_training(args, exclude=("model",), model=model))
 
 
 def register(args) -> str:
-    from training.register import register_best
 
     options = build(RegisterOptions, args)
     result = register_best(options.dataset, options.metric, options.force)
@@ -270,7 +249,6 @@ def register(args) -> str:
 
 
 def export(args) -> str:
-    from training.export import export_run, write_onnx
 
     options = build(ExportOptions, args)
     result = export_run(options.run_id)
@@ -286,7 +264,6 @@ def export(args) -> str:
 
 
 def classical(args) -> str:
-    from training.classical import ClassicalConfig, run_classical
 
     outcome = run_classical(build(ClassicalConfig, args))
     return (
@@ -297,7 +274,6 @@ def classical(args) -> str:
 
 
 def ensemble(args) -> str:
-    from training.ensemble import EnsembleConfig, run_ensemble
 
     outcome = run_ensemble(build(EnsembleConfig, args))
     weights = ", ".join(f"{w:.3f}" for w in outcome.weights)
@@ -310,40 +286,46 @@ def ensemble(args) -> str:
 
 
 def deploy(args) -> str:
-    from serving.deploy import bentoml_home, deploy
 
     options = build(DeployOptions, args)
-    lines = deploy(None if options.datasets == [ALL] else options.datasets)
+    lines = deploy_champions(None if options.datasets == [ALL] else options.datasets)
     _tag_project_run(deployed="; ".join(lines))
     return "\n".join(lines + [f"serve with: bentoml serve serving.service:MedZoo (BentoML home: {bentoml_home()})"])
 
 
 def study(args) -> str:
-    from training.study import StudyOptions, describe, run_study
 
     options = build(StudyOptions, args)
     if options.dry_run:
-        return describe(options)
+        return describe_study(options)
     outcome = run_study(options, progress=_progress(args))
     return f"study run {outcome.run_id} ({len(outcome.run_ids)} nested runs):\n\n{outcome.report_markdown}"
 
 
-def _study_options() -> type:
-    from training.study import StudyOptions
+def ui(args) -> str:
+    """Print the runs-table link of every experiment, then become `mlflow ui` on this tracking store. On a
+    tracking server (http URI) the links point at that server and nothing is started."""
+    options, uri = build(UiOptions, args), mlflow.get_tracking_uri()
+    served_elsewhere = uri.startswith(("http://", "https://"))
+    base = uri if served_elsewhere else f"http://{options.host}:{options.port}"
+    links = runs_table_links(base)
+    width = max((len(name) for name, _ in links), default=0)
+    lines = [f"MLflow UI for {masked(uri)}; each experiment's runs table:"]
+    lines += [f"  {name:<{width}}  {link}" for name, link in links] or ["  (no experiments yet: train something first)"]
+    if served_elsewhere:
+        return "\n".join(lines)
+    print("\n".join(lines), flush=True)
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", options.host, "--port", str(options.port)]
+    os.execvp(command[0], command)
 
-    return StudyOptions
 
+def runs(args) -> str:
 
-def _classical_config() -> type:
-    from training.classical import ClassicalConfig
-
-    return ClassicalConfig
-
-
-def _ensemble_config() -> type:
-    from training.ensemble import EnsembleConfig
-
-    return EnsembleConfig
+    if args.action == "list":
+        found = orphans.running_runs()
+        return "\n".join(orphans.describe(r) for r in found) if found else "no RUNNING runs"
+    reaped = orphans.reap()
+    return "\n".join(f"marked FAILED: {orphans.describe(r)}" for r in reaped) if reaped else "no orphaned runs"
 
 
 COMMANDS = {
@@ -399,22 +381,39 @@ COMMANDS = {
             "classical",
             "a scikit-learn estimator (svm, rf, dt, knn, logreg) on a run's CNN features or on the pixels",
             classical,
-            (_classical_config(),),
+            (ClassicalConfig,),
             run_name=lambda a: f"{a.model}-{a.dataset}",
         ),
         Command(
             "ensemble",
             "weighted average of the class probabilities of finished runs of one dataset",
             ensemble,
-            (_ensemble_config(),),
+            (EnsembleConfig,),
             run_name=lambda a: "ensemble",
         ),
         Command(
             "study",
             "a notebook study as nested runs (configs/studies/NAME.yaml), reported vs measured",
             study,
-            (_study_options(),),
+            (StudyOptions,),
             run_name=lambda a: f"study-{Path(a.name).stem}",
+        ),
+        Command(
+            "ui",
+            "print each experiment's runs-table link, then start the MLflow UI on this tracking store",
+            ui,
+            (UiOptions,),
+            run_name=lambda a: "ui",
+            entry_point=False,
+        ),
+        Command(
+            "runs",
+            "RUNNING runs whose process died (kill -9, power loss): list them, or reap them (mark them FAILED)",
+            runs,
+            (),
+            run_name=lambda a: f"runs-{a.action}",
+            actions=RUNS_ACTIONS,
+            entry_point=False,
         ),
         Command(
             "deploy",
@@ -440,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=ArgumentDefaultsFormatter,
             allow_abbrev=False,  # --model.<option> flags must not be read as an abbreviation of --model
         )
+        if command.actions:
+            choices = "; ".join(f"{name}: {text}" for name, text in command.actions.items())
+            sub.add_argument(
+                "action",
+                nargs="?",
+                choices=list(command.actions),
+                default=next(iter(command.actions)),
+                help=choices.replace("%", "%%"),
+            )
         if command.trains:
             add_training_fields(sub, command.training_excludes)
         for cls in command.options:
@@ -473,8 +481,6 @@ def _project_run_id() -> str | None:
 
 
 def _tag_project_run(**tags: str) -> None:
-    import mlflow
-
     run_id = _project_run_id()
     if run_id and mlflow.active_run() is None:
         client = mlflow.MlflowClient()
@@ -484,8 +490,6 @@ def _tag_project_run(**tags: str) -> None:
 
 def _record_failure(message: str, run_name: str) -> None:
     """A run `mlflow run` created for us that failed before training took it over: name it and say why."""
-    import mlflow
-
     run_id = _project_run_id()
     if run_id and mlflow.active_run() is None:
         client = mlflow.MlflowClient()
@@ -495,7 +499,11 @@ def _record_failure(message: str, run_name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     with termination.handling_sigterm():
-        return _main(argv)
+        try:
+            return _main(argv)
+        except termination.Terminated as err:  # before or after a run's own handling: still exit 143
+            print(f"{err}", file=sys.stderr)
+            return termination.EXIT_CODE
 
 
 def _main(argv: list[str] | None) -> int:

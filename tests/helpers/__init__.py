@@ -1,0 +1,1 @@
+"""What tests (and benchmarks) share: synthetic data files, paths and environments, ports and servers, the stack."""

@@ -1,0 +1,48 @@
+"""Running the real code in tests: the shrunk default recipe, a tracking store, a child process's environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from training.core.recipes import config_from_recipe
+
+
+@contextlib.contextmanager
+def store_with_synthetic_data(root: Path, data_dir: Path):
+    """For module-scoped fixtures: a tracking store in ``root`` and the synthetic data, undone afterwards."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MEDZOO_DATA_DIR", str(data_dir))
+        mp.setenv("MEDZOO_VERIFY_MD5", "0")
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def shrunk(**overrides):
+    """The real default training set-up (the `quick` recipe) shrunk for tests: few epochs, small batches, a narrow
+    net. Every other value (optimiser, schedule, augmentation, EMA, TTA) is the recipe's, so tests run the real
+    code path. A test that names another model gets that model with its own defaults."""
+    values = dict(dataset="bloodmnist", epochs=3, batch_size=16, lr=0.01, model_kwargs={"width": 8})
+    if "model" in overrides and "model_kwargs" not in overrides:
+        values.pop("model_kwargs")
+    values.update(overrides)
+    return config_from_recipe("quick", **values)
+
+
+def project_env(**extra) -> dict:
+    """Environment for subprocesses: the project's venv first on PATH (``mlflow run`` calls ``python``)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(extra)
+    return env
