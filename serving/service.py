@@ -9,7 +9,6 @@ Models are the registry champions that ``serving.deploy`` imported into the Bent
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -51,7 +50,7 @@ API_KEY_ENV = "MEDZOO_API_KEY"  # the prediction routes need it when set
 ADMIN_KEY_ENV = "MEDZOO_ADMIN_KEY"  # the admin routes exist only when set
 HOST_ENV, LOCAL_HOST = "MEDZOO_HOST", "127.0.0.1"
 RELOAD_INTERVAL_ENV, DEFAULT_RELOAD_INTERVAL_S = "MEDZOO_RELOAD_INTERVAL_S", 2.0
-# SIGTERM: answer every request accepted so far (serving.draining counts them), for at most DRAIN_TIMEOUT_S.
+# SIGTERM: answer every request accepted (serving.draining), for at most DRAIN_TIMEOUT_S.
 DRAIN_TIMEOUT_S = 20.0
 
 
@@ -171,7 +170,7 @@ class MedZoo:
         interval = float(os.environ.get(RELOAD_INTERVAL_ENV, DEFAULT_RELOAD_INTERVAL_S))
         if interval > 0:
             threading.Thread(target=self._watch_store, args=(interval,), name="medzoo-reload", daemon=True).start()
-        self.in_flight, self.draining = 0, False
+        self.draining = False
         if threading.current_thread() is threading.main_thread():
             self._shut_down = signal.signal(signal.SIGTERM, self._drain_then_shut_down)
 
@@ -179,30 +178,19 @@ class MedZoo:
         """/readyz: not ready once draining, so a load balancer stops sending requests here."""
         return not self.draining
 
-    @contextlib.contextmanager
-    def serving(self):
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-
     def _drain_then_shut_down(self, signum, frame) -> None:
-        """SIGTERM: uvicorn would close every connection whose request it has not started yet. Stop being ready,
-        answer every request accepted so far (``serving.draining.unanswered``; at most DRAIN_TIMEOUT_S), then hand
-        the signal to uvicorn's own graceful shutdown."""
+        """SIGTERM: stop being ready, take in what is queued, refuse the rest, answer every request accepted
+        (``serving.draining``; at most DRAIN_TIMEOUT_S), then hand the signal to uvicorn's own shutdown."""
         if self.draining:  # a second SIGTERM: no more waiting
             self._shut_down(signum, frame)
             return
         self.draining = True
 
-        def drain():
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while (self.in_flight or draining.unanswered()) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        def drain_then_shut_down():
+            draining.drain(DRAIN_TIMEOUT_S)
             self._shut_down(signum, None)
 
-        threading.Thread(target=drain, name="medzoo-drain", daemon=True).start()
+        threading.Thread(target=drain_then_shut_down, name="medzoo-drain", daemon=True).start()
         # What exists now (modules, models) lives as long as the worker: frozen, full garbage collections stop
         # scanning it, which otherwise pauses the worker for ~70 ms each time under load.
         gc.collect()
@@ -284,12 +272,11 @@ async def classify(request: Request) -> Response:
     if refused := api_key_error(request, API_KEY_ENV):
         return refused
     service = current()
-    with service.serving():
-        try:
-            form = await read_form(request, IMAGE_FORM)
-            return json_response(await service.classify(form.text["task"], form.files[0]))
-        except RequestError as err:
-            return error(err)
+    try:
+        form = await read_form(request, IMAGE_FORM)
+        return json_response(await service.classify(form.text["task"], form.files[0]))
+    except RequestError as err:
+        return error(err)
 
 
 @api.post("/classify_batch", response_model=BatchPrediction, **upload_openapi(BATCH_FORM, "Classify several images"))
@@ -298,12 +285,11 @@ async def classify_batch(request: Request) -> Response:
     if refused := api_key_error(request, API_KEY_ENV):
         return refused
     service = current()
-    with service.serving():
-        try:
-            form = await read_form(request, BATCH_FORM)
-            return json_response(await service.classify_batch(form.text["task"], form.files))
-        except RequestError as err:
-            return error(err)
+    try:
+        form = await read_form(request, BATCH_FORM)
+        return json_response(await service.classify_batch(form.text["task"], form.files))
+    except RequestError as err:
+        return error(err)
 
 
 # FastAPI documents the upload routes; Starlette serves them. They take the raw Request and return a Response,

@@ -25,7 +25,6 @@ from training.export.register import register_best
 from training.workflows.classical import ClassicalConfig, estimator_pipeline, load_grid, run_classical
 from training.workflows.train import run_training
 
-pytestmark = pytest.mark.slow
 DATASET = "breastmnist"
 
 
@@ -53,6 +52,7 @@ def artifacts(run_id: str, path: str = "") -> set[str]:
     return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
 
 
+@pytest.mark.slow
 def test_estimators_on_cnn_features_are_tracked_like_training_runs(runs):
     for model in ("svm", "rf"):
         outcome = runs[model]
@@ -78,6 +78,7 @@ def test_estimators_on_cnn_features_are_tracked_like_training_runs(runs):
         assert ("plots/decision_regions_pca.png" in plots) == (model == "rf")
 
 
+@pytest.mark.slow
 def test_features_come_from_the_trained_network_without_its_classifier(runs):
     logged, card = load_logged_model(runs["cnn"])
     network = rebuild_network(logged, card)
@@ -89,6 +90,7 @@ def test_features_come_from_the_trained_network_without_its_classifier(runs):
     assert features.shape == (16, 8 * 8)  # ResNet-9 width 8: 8x the width before the classifier
 
 
+@pytest.mark.slow
 def test_one_onnx_graph_of_features_and_svm_matches_the_python_path(runs):
     logged, card = load_logged_model(runs["cnn"])
     extractor = without_classifier(rebuild_network(logged, card))
@@ -115,6 +117,8 @@ def test_one_onnx_graph_of_features_and_svm_matches_the_python_path(runs):
     assert meta["architecture"] == "svm(resnet9)" and json.loads(meta["class_names"]) == list(card.class_names)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_register_takes_the_classical_run_when_it_is_best_on_validation(runs):
     mlflow.MlflowClient().log_metric(runs["svm"].run_id, "best_val_acc", 1.0)  # known best on validation
     result = register_best(DATASET, "acc")
@@ -149,6 +153,7 @@ def assert_the_champion_is_served_like_offline(runs, tmp_path, architecture: str
             assert body["model"]["architecture"] == architecture
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -183,6 +188,7 @@ def member_probabilities(run_ids: list[str], split: str) -> list[np.ndarray]:
     return [onnx_probabilities(export_run(r).proto, images) for r in run_ids]
 
 
+@pytest.mark.slow
 def test_ensemble_weights_are_chosen_on_validation_alone(runs, ensemble):
     from training.workflows.ensemble import validation_weights
 
@@ -217,6 +223,7 @@ def test_auto_weights_fall_back_to_equal_where_the_log_loss_optimum_classifies_v
     assert validation_weights([c, d], labels)[0] > 0.9
 
 
+@pytest.mark.slow
 def test_the_ensemble_graph_averages_its_members_like_the_python_path(runs, ensemble):
     result = export_run(ensemble.run_id)
     assert result.parity.ok and result.parity.quantity == "probability"
@@ -231,6 +238,8 @@ def test_the_ensemble_graph_averages_its_members_like_the_python_path(runs, ense
     )
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_register_takes_the_ensemble_when_it_is_best_on_validation_and_serves_it(runs, ensemble, tmp_path):
     client = mlflow.MlflowClient()
     for run_id in (runs["cnn"], runs["svm"].run_id, runs["rf"].run_id):  # known validation scores
@@ -244,6 +253,7 @@ def test_register_takes_the_ensemble_when_it_is_best_on_validation_and_serves_it
     assert_the_champion_is_served_like_offline(runs, tmp_path, "ensemble(resnet9 + svm(resnet9) + rf(resnet9))")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -263,3 +273,20 @@ def test_bad_ensemble_input_names_the_value_and_creates_no_run(argv, message, ru
 @pytest.fixture(scope="module")
 def blood_run(runs):
     return run_training(shrunk(dataset="bloodmnist", epochs=1, tta="none"), progress=False).run_id
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(model="xgboost"), "model='xgboost' is not one of: svm, rf, dt, knn, logreg"),
+        (dict(cv=1), "cv=1 must be >= 2"),
+        (dict(dataset="bloodmnst"), "Unknown dataset 'bloodmnst'. Did you mean bloodmnist"),
+        (dict(model="svm", grid_file="configs/nowhere.yaml"), "nowhere.yaml"),
+    ],
+)
+def test_classical_values_are_checked_before_any_run_exists(values, message, mlflow_store):
+    from training.workflows.classical import ClassicalError
+
+    with pytest.raises(ClassicalError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        run_classical(ClassicalConfig(**values))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

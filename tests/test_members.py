@@ -45,6 +45,7 @@ def crash_member_with_seed(seed: int, monkeypatch):
     monkeypatch.setattr(training.workflows.network, "fit", fit)
 
 
+@pytest.mark.slow
 def test_members_train_with_their_own_seeds_and_a_stopped_parent_goes_on_to_the_same_ensemble(
     synthetic_env, mlflow_store, monkeypatch
 ):

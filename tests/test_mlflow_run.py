@@ -12,7 +12,7 @@ import yaml
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import project_env, shrunk
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(*params: str, entry_point: str = "train") -> subprocess.CompletedProcess:
@@ -103,16 +103,11 @@ def test_a_run_logs_the_same_params_through_mlflow_run_and_the_cli(synthetic_env
     assert "''" not in through_mlflow.data.params.values() and "None" not in through_cli.data.params.values()
 
 
-@pytest.mark.parametrize(
-    "params, message",
-    [
-        (["model=mobilenet"], "Unknown model 'mobilenet'. Did you mean mobilenetv2"),
-        (["dataset=bloodmnist", "optimizer=adagrad"], "optimizer='adagrad' is not one of"),
-        (["dataset=bloodmnist", "epochs=-2"], "epochs=-2 must be >= 1"),
-    ],
-)
-def test_bad_parameters_fail_cleanly(params, message, synthetic_env, mlflow_store):
-    result = mlflow_run(*params)
+def test_bad_parameters_fail_cleanly(synthetic_env, mlflow_store):
+    """Through `mlflow run`, whose run exists before our code starts: it ends FAILED with the reason. (Every other
+    bad value is refused the same way in-process: tests/test_train.py, tests/test_recipes.py.)"""
+    message = "Unknown model 'mobilenet'. Did you mean mobilenetv2"
+    result = mlflow_run("model=mobilenet")
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

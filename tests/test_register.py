@@ -180,6 +180,7 @@ print(register_run(run, "bloodmnist", "best_val_auc", force=False).message)
 """
 
 
+@pytest.mark.e2e
 def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(tmp_path, synthetic_data_dir):
     import subprocess
     import sys

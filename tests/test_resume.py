@@ -16,8 +16,6 @@ from training.tracking.checkpoint import SLOTS, load_checkpoint
 from training.tracking.resume import resumption
 from training.workflows.train import run_training
 
-pytestmark = pytest.mark.slow
-
 
 class Crash(RuntimeError):
     pass
@@ -40,6 +38,7 @@ def history(run_id: str, key: str = "train_loss") -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(synthetic_env, mlflow_store):
     whole = run_training(config(), progress=False)
     with pytest.raises(Crash):
@@ -133,6 +132,7 @@ def resume_in_subprocess(run_id: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=project_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_sigterm_ends_the_run_killed_with_its_checkpoint_and_resume_finishes_it(synthetic_env, mlflow_store):
     process = start_training(epochs=12)
     run_id = wait_for_checkpoint(process, epoch=2)
@@ -157,6 +157,7 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint_and_resume_finishes_it(
     assert 0 <= run.data.metrics["test_acc"] <= 1
 
 
+@pytest.mark.e2e
 def test_a_run_killed_without_a_word_is_reaped_failed_and_resumed(synthetic_env, mlflow_store):
     process = start_training(epochs=8)
     run_id = wait_for_checkpoint(process, epoch=1)

@@ -26,7 +26,6 @@ from tests.helpers.stack import postgres_installed, start_stack
 from training.cli import main
 from training.workflows.sweep import log_study_results, study_lock
 
-pytestmark = pytest.mark.slow
 SPACE = """
 common:
   lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
@@ -62,6 +61,7 @@ def on_stack(stack, synthetic_env, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.e2e
 def test_stack_reports_its_state_and_keeps_the_password_out_of_urls(stack):
     status = stack.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -71,6 +71,7 @@ def test_stack_reports_its_state_and_keeps_the_password_out_of_urls(stack):
     assert oct(Path(stack.env["PGPASSFILE"]).stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.e2e
 def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_server(on_stack, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -133,6 +134,7 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
     assert list(worker_dir.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_a_sweep_worker_logs_the_study_on_the_shared_parent_only_under_the_study_lock(on_stack):
     """Workers that share a parent finish at about the same time and each writes the best trial's tags on it.
     MLflow's SQL store writes a new tag as select-then-insert, so two simultaneous writers make one fail on a
@@ -166,6 +168,7 @@ def test_a_sweep_worker_logs_the_study_on_the_shared_parent_only_under_the_study
     assert parent.data.metrics[f"best_{base.select_key}"] == pytest.approx(0.8)
 
 
+@pytest.mark.e2e
 def test_data_parallel_training_under_torchrun_logs_one_run(on_stack, tmp_path):
     """`--nproc 2` relaunches the command under torchrun (gloo on this CPU), as the README's torchrun line does."""
     experiment = "data-parallel"

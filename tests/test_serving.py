@@ -28,8 +28,6 @@ from training.core.devices import to_input
 from training.export.register import register_best
 from training.workflows.train import run_training
 
-pytestmark = pytest.mark.slow
-
 
 def png(array: np.ndarray) -> bytes:
     """uint8 [C, H, W] -> PNG bytes."""
@@ -45,10 +43,7 @@ def deployed(tmp_path_factory, synthetic_data_dir):
     root = tmp_path_factory.mktemp("serving")
     with store_with_synthetic_data(root, synthetic_data_dir) as uri:
         for dataset in ("bloodmnist", "breastmnist"):
-            run_training(
-                shrunk(dataset=dataset),
-                progress=False,
-            )
+            run_training(shrunk(dataset=dataset, epochs=1), progress=False)
             register_best(dataset)
         from serving.deploy import deploy
 
@@ -290,6 +285,7 @@ def test_the_request_timeout_still_answers_504():
     assert response.status_code == 504 and "0.05 seconds" in response.json()["error"]
 
 
+@pytest.mark.e2e
 def test_bentoml_build_packs_the_service_and_every_champion(deployed, tmp_path):
     import tarfile
 
@@ -327,6 +323,7 @@ def server(deployed):
         yield served
 
 
+@pytest.mark.e2e
 def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(server, deployed):
     base, process = server
     http = httpx.Client(base_url=base, timeout=30)
@@ -356,6 +353,7 @@ def test_real_server_answers_like_offline_onnxruntime_and_survives_bad_requests(
     assert after.status_code == 200 and after.json()["class_index"] == int(expected[1].argmax())
 
 
+@pytest.mark.e2e
 def test_concurrent_requests_are_batched(server, deployed):
     import concurrent.futures
 

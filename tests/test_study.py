@@ -128,6 +128,7 @@ def tiny(tmp_path_factory, synthetic_data_dir):
         yield outcome
 
 
+@pytest.mark.slow
 def test_a_study_is_one_parent_with_a_nested_run_per_configuration_and_seed(tiny):
     client = mlflow.MlflowClient()
     parent = client.get_run(tiny.run_id)
@@ -153,6 +154,7 @@ def test_a_study_is_one_parent_with_a_nested_run_per_configuration_and_seed(tiny
     assert svm.data.tags["features"] == by_config[("cnn", "1")].info.run_id  # the same seed's network
 
 
+@pytest.mark.slow
 def test_the_parent_reports_reported_vs_measured_with_its_plots(tiny):
     client = mlflow.MlflowClient()
     parent = tiny.run_id
@@ -193,6 +195,7 @@ def test_top_confusions_name_the_largest_off_diagonal_cells():
     assert top_confusions([(names, counts), (names, counts)], count=2) == ["a → b: 8 (26.7%)", "c → a: 4 (22.2%)"]
 
 
+@pytest.mark.slow
 def test_the_mnist_study_runs_on_synthetic_files_of_the_real_format(tmp_path, synthetic_data_dir, monkeypatch):
     """MNIST and Fashion-MNIST cannot be downloaded here: the shipped study runs on idx files of the same format."""
     with store_with_synthetic_data(tmp_path, synthetic_data_dir):

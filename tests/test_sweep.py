@@ -13,8 +13,6 @@ from training.core.config import ConfigError
 from training.workflows.sweep import SweepOptions
 from training.workflows.sweep import run_sweep as run_sweep_with_options
 
-pytestmark = pytest.mark.slow
-
 SPACE = """
 common:
   lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}
@@ -48,6 +46,7 @@ def all_runs():
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
+@pytest.mark.slow
 def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, space_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_sweep(base(), trials=3, space_file=space_file, storage=storage, pruning=True, progress=False)
@@ -83,6 +82,7 @@ def test_sweep_with_pruning_resume_and_artifacts(synthetic_env, mlflow_store, sp
     assert mlflow.get_run(result.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(
@@ -108,6 +108,7 @@ def test_pruner_stops_hopeless_trials(synthetic_env, mlflow_store, space_file, t
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_auc")) < 4
 
 
+@pytest.mark.e2e
 def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
     mlflow.search_experiments()  # the tracking store exists before the workers start (as a server's would)
@@ -183,6 +184,7 @@ def test_bad_sweep_input_fails_before_any_run(space, trials, model, message, syn
     assert all_runs() == []
 
 
+@pytest.mark.slow
 def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
     from training.workflows.leaderboard import run_leaderboard
 
@@ -208,6 +210,7 @@ def test_leaderboard_table_and_plot(synthetic_env, mlflow_store):
     assert plots == {"plots/accuracy_vs_train_time.png"}
 
 
+@pytest.mark.e2e
 def test_a_trial_whose_worker_was_killed_is_failed_when_the_sweep_starts_again(
     synthetic_env, mlflow_store, space_file, tmp_path
 ):
@@ -242,3 +245,16 @@ def test_a_sweep_refuses_select_metric_last(synthetic_env, mlflow_store, tmp_pat
     with pytest.raises(ConfigError, match="select_metric='last' ranks nothing"):
         run_sweep(base(select_metric="last"), 2, str(space), f"sqlite:///{tmp_path / 'o.db'}")
     assert all_runs() == []
+
+
+def test_leaderboards_and_pipelines_with_nothing_to_train_are_refused_before_any_run(mlflow_store):
+    from training.workflows.leaderboard import run_leaderboard
+    from training.workflows.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="models and datasets must each name at least one entry"):
+        run_leaderboard([], ["breastmnist"], lambda model, dataset: shrunk(model=model, dataset=dataset))
+    with pytest.raises(ConfigError, match="models is empty"):
+        run_pipeline([], lambda model: shrunk(model=model))
+    with pytest.raises(ConfigError, match="Unknown model 'resnet-18'"):
+        run_pipeline(["cnn", "resnet-18"], lambda model: shrunk(model=model))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -1,5 +1,6 @@
 """In-process training runs against a temporary MLflow store: selection, tracking, failure states."""
 
+import dataclasses
 import math
 
 import mlflow
@@ -44,6 +45,7 @@ def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env
     assert len(client.get_metric_history(outcome.run_id, "test_acc")) == 1
 
 
+@pytest.mark.slow
 def test_runs_land_in_a_training_experiment_named_after_the_dataset_unless_one_is_chosen(
     synthetic_env, mlflow_store, monkeypatch
 ):
@@ -84,6 +86,7 @@ def test_selection_keeps_the_best_candidate_and_counts_patience():
     assert not Selection(patience=0).exhausted
 
 
+@pytest.mark.slow
 def test_early_stopping_follows_the_recorded_validation_scores(synthetic_env, mlflow_store):
     outcome = run_training(tiny(epochs=6, patience=1, scheduler="plateau", select_metric="acc"), progress=False)
     # Each epoch offers the raw weights and their EMA; either one improving resets the patience.
@@ -102,6 +105,7 @@ def test_early_stopping_follows_the_recorded_validation_scores(synthetic_env, ml
         assert all(math.isfinite(h.metrics["train_loss"]) for h in outcome.fit.history)
 
 
+@pytest.mark.slow
 def test_l1_and_weight_decay_shrink_weights(synthetic_env, mlflow_store):
     import torch
 
@@ -181,3 +185,19 @@ def test_missing_data_ends_the_run_failed(tmp_path, mlflow_store, monkeypatch):
     else:
         pytest.skip("this machine is online: the download succeeded")
     assert [r.info.status for r in runs()] == ["FAILED"]
+
+
+def test_a_run_is_resolved_once_before_it_starts():
+    from training.core.config import resolve
+
+    run = resolve(TrainConfig(model="convnext", dataset="bloodmnist", augment="auto", tta="auto", device="auto"))
+    assert run.input_size == 32 and run.notes == ("size raised from 28 to 32 px, the minimum for convnext",)
+    assert run.device == "cpu" or run.device == "cuda"
+    assert "vflip" in run.augment and "color" in run.augment  # blood cells: no orientation, three channels
+    assert run.tta[0] == "identity" and "hflip" in run.tta
+    organ = resolve(TrainConfig(dataset="organamnist", augment="auto", tta="auto"))
+    assert organ.augment == ("translate",) and not {"hflip", "vflip"} & set(organ.tta)  # left and right are anatomy
+    with pytest.raises(ConfigError, match="augment='hflip'.*organamnist"):
+        resolve(TrainConfig(dataset="organamnist", augment="hflip"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.input_size = 28
