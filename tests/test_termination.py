@@ -31,7 +31,8 @@ def test_outside_the_training_loop_sigterm_raises_at_once_and_later_ones_are_ign
     sigterm_self()  # the exit is under way: the default action would end the process by the signal
     for _ in range(10**6):
         pass
-    assert signal.getsignal(signal.SIGTERM) is termination._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is termination._ignore_during_exit
+    termination.check()  # and nothing is left pending for the next command in this process
 
 
 def test_a_command_that_was_not_terminated_gives_the_previous_handler_back():

@@ -54,16 +54,20 @@ def deferred():
         _deferring -= 1
 
 
+def _ignore_during_exit(signum, frame) -> None:
+    """A SIGTERM after the command was terminated: its exit is under way (the default action would end the
+    process by the signal instead of exit 143)."""
+
+
 @contextlib.contextmanager
 def handling_sigterm():
     """Turn SIGTERM into :class:`Terminated` for the duration of a command. Once one arrived, later ones are
-    ignored to the end of the process: a scheduler that repeats itself must not kill the exit that is under way
-    (the default action would end it by the signal instead of exit 143)."""
+    ignored to the end of the process: a scheduler that repeats itself must not kill the exit under way."""
     global _requested
     _requested = False
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     finally:
-        if not _requested:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, _ignore_during_exit if _requested else previous)
+        _requested = False  # in-process callers (tests, notebooks) start their next command clean
