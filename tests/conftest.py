@@ -16,7 +16,14 @@ import pytest
 # Tests never touch the user's BentoML store; set before anything imports bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="medzoo-test-bentoml-")
 
+import mlflow  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from serving.deploy import deploy  # noqa: E402
 from tests.helpers.data import write_synthetic_medmnist, write_synthetic_torchvision  # noqa: E402
+from tests.helpers.runs import shrunk, store_with_synthetic_data  # noqa: E402
+from training.export.register import register_best  # noqa: E402
+from training.workflows.train import run_training  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +57,22 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory, synthetic_data_dir):
+    """Tiny BloodMNIST and BreastMNIST models trained (1 epoch), registered as champions and imported into the
+    session's BentoML store: built once, shared by every test that serves them."""
+    root = tmp_path_factory.mktemp("serving")
+    with store_with_synthetic_data(root, synthetic_data_dir) as uri:
+        for dataset in ("bloodmnist", "breastmnist"):
+            run_training(shrunk(dataset=dataset, epochs=1), progress=False)
+            register_best(dataset)
+        deploy()
+        champions = {}
+        for dataset in ("bloodmnist", "breastmnist"):
+            local = mlflow.artifacts.download_artifacts(
+                f"models:/medzoo-{dataset}@champion", dst_path=str(root / dataset)
+            )
+            champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
+        yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import mlflow
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -22,11 +21,9 @@ from contract import Preprocessing
 from serving.preprocessing import MAX_BATCH_IMAGES, decode_image, to_model_input
 from tests.helpers.net import bentoml_server
 from tests.helpers.paths import REAL_DATA_DIR, ROOT, requires_real_data
-from tests.helpers.runs import project_env, shrunk, store_with_synthetic_data
+from tests.helpers.runs import project_env
 from training.core.data import load_dataset
 from training.core.devices import to_input
-from training.export.register import register_best
-from training.workflows.train import run_training
 
 
 def png(array: np.ndarray) -> bytes:
@@ -35,26 +32,6 @@ def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory, synthetic_data_dir):
-    """Tiny models trained, registered as champions and imported into the (test) BentoML store."""
-    root = tmp_path_factory.mktemp("serving")
-    with store_with_synthetic_data(root, synthetic_data_dir) as uri:
-        for dataset in ("bloodmnist", "breastmnist"):
-            run_training(shrunk(dataset=dataset, epochs=1), progress=False)
-            register_best(dataset)
-        from serving.deploy import deploy
-
-        deploy()
-        champions = {}
-        for dataset in ("bloodmnist", "breastmnist"):
-            local = mlflow.artifacts.download_artifacts(
-                f"models:/medzoo-{dataset}@champion", dst_path=str(root / dataset)
-            )
-            champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
-        yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,134 @@
+"""How close a training step comes to what this CPU can do: the float32 matmul peak, the FLOPs of one training
+image for each recipe's model, and the fraction of the peak that ``train_one_epoch`` achieves.
+
+Peak: a 2048 x 2048 float32 matmul with the same torch build and thread count as training (2 n^3 FLOPs a call).
+FLOPs per training image: ``torch.utils.flop_counter.FlopCounterMode`` over one forward and backward pass of a
+batch, divided by the batch (convolutions and matmuls; element-wise work is not counted, so the fraction is an
+upper bound of useful work). Achieved: images/s of the product's ``training.core.engine.train_one_epoch`` on
+OrganAMNIST with the recipes' augmentation, times the FLOPs per image. Medians over repeats, alternating models.
+
+    python benchmarks/train_efficiency.py [--steps 40] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import machine, real_data_dir, write_section
+from torch.utils.flop_counter import FlopCounterMode
+
+import zoo
+from training.core import policy
+from training.core.data import Split, load_dataset
+from training.core.devices import channels_last, to_batch
+from training.core.engine import FitOptions, prepare, train_one_epoch
+
+BATCH = 128
+MATMUL_N = 2048
+# (label, zoo model, model options): the recipes' networks and two common baselines.
+MODELS = [
+    ("resnet9 width 16 (quick)", "resnet9", {"width": 16}),
+    ("resnet9 width 24 (best)", "resnet9", {"width": 24}),
+    ("cnn (defaults)", "cnn", {}),
+    ("mobilenetv2", "mobilenetv2", {}),
+]
+
+
+def matmul_gflops(repeats: int) -> float:
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    torch.matmul(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(5):
+            torch.matmul(a, b)
+        times.append((time.perf_counter() - started) / 5)
+    return 2 * MATMUL_N**3 / statistics.median(times) / 1e9
+
+
+def make_model(name: str, options: dict, dataset) -> torch.nn.Module:
+    torch.manual_seed(0)
+    backbone = zoo.create_model(name, in_chans=dataset.channels, num_classes=dataset.num_classes, **options)
+    mean, std = dataset.channel_stats()
+    return zoo.NormalizedClassifier(backbone, mean, std)
+
+
+def training_flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """FLOPs of one forward and backward pass, per image."""
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(to_batch(images)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(images)
+
+
+def images_per_second(model: torch.nn.Module, dataset, steps: int, augment: tuple[str, ...]) -> float:
+    train = dataset.train
+    options = FitOptions(epochs=1, batch_size=BATCH, lr=1e-3, optimizer="adamw", augment=augment)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+
+    def first(batches: int) -> Split:
+        return Split(train.images[order[: batches * BATCH]], train.labels[order[: batches * BATCH]])
+
+    with channels_last(model):
+        training = prepare(model, first(steps), dataset.num_classes, options)
+        train_one_epoch(training, first(3), epoch=0, progress=False)
+        stats = train_one_epoch(training, first(steps), epoch=1, progress=False)
+    return stats.images / stats.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    dataset = load_dataset("organamnist", real_data_dir())
+    augment = policy.resolve_augment("auto", dataset.name, dataset.channels)
+    flops = {
+        label: training_flops_per_image(make_model(name, options, dataset), dataset.train.images[:BATCH])
+        for label, name, options in MODELS
+    }
+    peaks, speeds = [], {label: [] for label, _, _ in MODELS}
+    for repeat in range(args.repeats):
+        peaks.append(matmul_gflops(3))
+        for label, name, options in MODELS if repeat % 2 == 0 else reversed(MODELS):
+            speeds[label].append(images_per_second(make_model(name, options, dataset), dataset, args.steps, augment))
+    peak = statistics.median(peaks)
+    rows = []
+    for label, _, _ in MODELS:
+        rate = statistics.median(speeds[label])
+        achieved = rate * flops[label] / 1e9
+        rows.append((label, flops[label] / 1e6, rate, achieved, achieved / peak))
+        print(
+            f"{label:26s} {flops[label] / 1e6:7.1f} MFLOP/img {rate:7.0f} img/s {achieved:6.1f} GFLOP/s "
+            f"{achieved / peak:6.1%} of {peak:.0f}",
+            flush=True,
+        )
+    table = [
+        "| model | training MFLOP / image | images/s | GFLOP/s | fraction of the matmul peak |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    table += [
+        f"| {label} | {mflop:.1f} | {rate:.0f} | {gflops:.1f} | {share:.1%} |"
+        for label, mflop, rate, gflops, share in rows
+    ]
+    write_section(
+        "train_efficiency",
+        (
+            "## How close training comes to this CPU's limit (`benchmarks/train_efficiency.py`)\n\n"
+            f"Peak: float32 {MATMUL_N}x{MATMUL_N} matmul, median of {args.repeats} measurements: "
+            f"**{peak:.0f} GFLOP/s** "
+            f"({machine()}). Training: `train_one_epoch` on OrganAMNIST 28 px, batch {BATCH}, AdamW, augmentation "
+            f"{', '.join(augment)}, medians of {args.repeats} x {args.steps} steps. FLOPs of a forward and backward "
+            "pass by `torch.utils.flop_counter` (convolutions and matmuls only).\n\n" + "\n".join(table)
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
