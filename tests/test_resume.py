@@ -158,19 +158,18 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint_and_resume_finishes_it(
 
 
 @pytest.mark.e2e
-def test_a_run_killed_without_a_word_is_reaped_failed_and_resumed(synthetic_env, mlflow_store):
+def test_a_run_killed_without_a_word_is_reaped_failed_and_resumed(synthetic_env, mlflow_store, capsys):
     process = start_training(epochs=8)
     run_id = wait_for_checkpoint(process, epoch=1)
     process.kill()  # SIGKILL: no handler runs, the run stays RUNNING
     process.communicate(timeout=60)
     assert mlflow.get_run(run_id).info.status == "RUNNING"
 
-    runs_cli = [sys.executable, "-m", "training.cli", "runs"]
-    env = project_env(PYTHONPATH=str(ROOT))
-    listed = subprocess.run([*runs_cli, "list"], env=env, capture_output=True, text=True, timeout=120)
-    assert run_id in listed.stdout and "orphaned" in listed.stdout
-    reaped = subprocess.run([*runs_cli, "reap"], env=env, capture_output=True, text=True, timeout=120)
-    assert f"marked FAILED: {run_id}" in reaped.stdout
+    assert cli_main(["runs", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert run_id in listed and "orphaned" in listed
+    assert cli_main(["runs", "reap"]) == 0
+    assert f"marked FAILED: {run_id}" in capsys.readouterr().out
     run = mlflow.get_run(run_id)
     assert run.info.status == "FAILED" and "died without ending the run" in run.data.tags["medzoo.error"]
 

@@ -156,25 +156,7 @@ def train_network(
         dataset = load(run)
         model, preprocessing = build_model(config, dataset)
         n_params = sum(p.numel() for p in model.parameters())
-        records.log_new_params(
-            {
-                **config.to_params(),
-                "resume": NONE,  # what `mlflow run -P resume=...` logs for a new run, so both ways log alike
-                "nproc": world.size,
-                **{f"model.{k}": to_text(v) for k, v in config.model_kwargs.items()},
-                "input_size": run.input_size,
-                "in_chans": dataset.channels,
-                "num_classes": dataset.num_classes,
-                "task": dataset.task,
-                "mean": to_text(preprocessing.mean),
-                "std": to_text(preprocessing.std),
-                "train_samples": len(dataset.train),
-                "val_samples": len(dataset.val),
-                "test_samples": len(dataset.test),
-                "augment_ops": to_text(run.augment) or "none",
-                "tta_views": to_text(run.tta) or "none",
-            }
-        )
+        records.log_new_params(_params(run, dataset, preprocessing, world))
         if resume is None:
             records.log_dataset(dataset)
         records.log_notes(list(run.notes) + dataset.notes)
@@ -237,6 +219,28 @@ def train_network(
         ).with_run(mlflow_run.info.run_id, {**val_metrics, **test_metrics, "n_params": n_params})
         model_info = records.log_model(model.cpu(), dataset.val.images[: records.PARITY_IMAGES], card)
         return TrainOutcome(mlflow_run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
+
+
+def _params(run: ResolvedConfig, dataset: ImageDataset, preprocessing: Preprocessing, world: World) -> dict:
+    """Every parameter as the run logs it: the configuration, what was resolved from it, and the data."""
+    config = run.config
+    return {
+        **config.to_params(),
+        "resume": NONE,  # what `mlflow run -P resume=...` logs for a new run, so both ways log alike
+        "nproc": world.size,
+        **{f"model.{k}": to_text(v) for k, v in config.model_kwargs.items()},
+        "input_size": run.input_size,
+        "in_chans": dataset.channels,
+        "num_classes": dataset.num_classes,
+        "task": dataset.task,
+        "mean": to_text(preprocessing.mean),
+        "std": to_text(preprocessing.std),
+        "train_samples": len(dataset.train),
+        "val_samples": len(dataset.val),
+        "test_samples": len(dataset.test),
+        "augment_ops": to_text(run.augment) or "none",
+        "tta_views": to_text(run.tta) or "none",
+    }
 
 
 def _relog_missing_epochs(run_id: str, state: dict) -> None:
