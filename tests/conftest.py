@@ -62,7 +62,8 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def deployed(tmp_path_factory, synthetic_data_dir):
     """Tiny BloodMNIST and BreastMNIST models trained (1 epoch), registered as champions and imported into the
-    session's BentoML store: built once, shared by every test that serves them."""
+    session's BentoML store: built once, shared by every test that serves them. The store's environment is undone
+    before the first of them runs (a session-long one would leak into every later test); they name the store."""
     root = tmp_path_factory.mktemp("serving")
     with store_with_synthetic_data(root, synthetic_data_dir) as uri:
         for dataset in ("bloodmnist", "breastmnist"):
@@ -75,4 +76,4 @@ def deployed(tmp_path_factory, synthetic_data_dir):
                 f"models:/medzoo-{dataset}@champion", dst_path=str(root / dataset)
             )
             champions[dataset] = ort.InferenceSession(f"{local}/model.onnx")
-        yield {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
+    return {"root": root, "uri": uri, "data": synthetic_data_dir, "onnx": champions}
