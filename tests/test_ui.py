@@ -29,16 +29,8 @@ def test_every_experiment_gets_a_link_to_its_runs_table(mlflow_store):
     assert set(links) == {*ids, "Default"}
 
 
-def test_on_a_tracking_server_ui_prints_links_into_it_and_starts_nothing(monkeypatch, capsys):
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://tracking.example:5000")
-    monkeypatch.setattr("training.cli.runs_table_links", lambda base: [("organamnist", f"{base}/#/experiments/7/runs")])
-    monkeypatch.setattr("training.cli.check_tracking", lambda: None)
-    assert cli_main(["ui"]) == 0
-    assert "http://tracking.example:5000/#/experiments/7/runs" in capsys.readouterr().out
-
-
 @pytest.mark.e2e
-def test_the_printed_links_name_the_running_uis_experiments(mlflow_store, tmp_path):
+def test_the_printed_links_name_the_running_uis_experiments(mlflow_store, tmp_path, monkeypatch, capsys):
     for name in ("organamnist", "study-mnist-fashion-cnn-mlp"):
         mlflow.create_experiment(name)
     port = free_port()
@@ -70,6 +62,12 @@ def test_the_printed_links_name_the_running_uis_experiments(mlflow_store, tmp_pa
                 time.sleep(0.5)
         assert served == printed
         assert httpx.get(base, timeout=30).status_code == 200  # the UI's page itself
+        # On a tracking server (an http URI: this UI serves the store's API too) `ui` links into it, starts nothing.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
+        mlflow.set_tracking_uri(base)
+        assert cli_main(["ui"]) == 0
+        links = {m.group(1): m.group(3) for line in capsys.readouterr().out.splitlines() if (m := LINK.match(line))}
+        assert links == printed
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
