@@ -82,11 +82,14 @@ def commit() -> str:
 
 
 def device_name(device: str) -> str:
+    """The device, and on CPUs whether the step runs in bfloat16 (``precision=auto``): rows of both kinds differ."""
     import torch
+
+    from training.core.devices import native_bf16
 
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({os.cpu_count()} cores)"
+    return f"cpu ({os.cpu_count()} cores{', bf16' if native_bf16() else ''})"
 
 
 TRACKING_URI = f"sqlite:///{STORE / 'mlflow.db'}"
@@ -101,7 +104,11 @@ def create_store() -> None:
     mlflow.search_experiments()
 
 
-def run_case(recipe: str, dataset: str, seed: int, data_dir: Path, device: str) -> dict:
+def run_case(
+    recipe: str, dataset: str, seed: int, data_dir: Path, device: str, extra: tuple[str, ...] = (), mark: str = ""
+) -> dict:
+    """One training process; ``extra`` are further command-line parameters, ``mark`` the fingerprint to record
+    (default: the recipe's values for the dataset)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": TRACKING_URI, "MEDZOO_DATA_DIR": str(data_dir)}
     command = [
         sys.executable,
@@ -117,9 +124,10 @@ def run_case(recipe: str, dataset: str, seed: int, data_dir: Path, device: str) 
         "--device",
         device,
         "--no-progress",
+        *extra,
     ]
     # What the case runs, taken before it starts: an edit of configs/recipes.yaml during a run belongs to later cases.
-    measured_with = {"fingerprint": fingerprint(recipe, dataset), "commit": commit()}
+    measured_with = {"fingerprint": mark or fingerprint(recipe, dataset), "commit": commit()}
     started = time.perf_counter()
     result = subprocess.run(command, cwd=STORE, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started

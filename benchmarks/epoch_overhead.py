@@ -21,7 +21,7 @@ from common import real_data_dir, write_section
 
 from training.core.config import resolve
 from training.core.devices import channels_last
-from training.core.engine import FitResult, Selection, end_of_epoch, prepare, train_one_epoch
+from training.core.engine import Checkpointing, FitResult, Selection, end_of_epoch, prepare, train_one_epoch
 from training.core.recipes import config_from_recipe
 from training.tracking.checkpoint import RollingCheckpoint
 from training.workflows.network import build_model, fit_options, load
@@ -41,12 +41,13 @@ def measure(dataset_name: str, epochs: int) -> dict:
             checkpoint(state)
             parts["checkpoint"].append(time.perf_counter() - started)
 
+        every_epoch = Checkpointing(timed_checkpoint, every_s=0)  # the cost of one write, measured each epoch
         training = prepare(model, dataset.train, dataset.num_classes, options)
         selection, result = Selection(0), FitResult()
         for epoch in range(1, epochs + 1):
             stats = train_one_epoch(training, dataset.train, epoch, progress=False)
             started = time.perf_counter()
-            end_of_epoch(training, epoch, stats, dataset.val, dataset.class_names, selection, result, timed_checkpoint)
+            end_of_epoch(training, epoch, stats, dataset.val, dataset.class_names, selection, result, every_epoch)
             parts["steps"].append(stats.seconds)
             parts["evaluation"].append(time.perf_counter() - started - parts["checkpoint"][-1])
     medians = {part: statistics.median(seconds) for part, seconds in parts.items()}

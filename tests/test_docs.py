@@ -13,7 +13,7 @@ import yaml
 from tests.helpers.paths import ROOT
 from training.cli import build_parser, model_options
 from training.core.config import TrainConfig
-from training.core.recipes import markdown_table
+from training.core.recipes import markdown_table, scaled_table
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
@@ -106,3 +106,5 @@ def test_the_training_page_recipe_table_is_the_recipes_file():
     page = (ROOT / "docs" / "training.md").read_text()
     section = page.split("<!-- recipes:start -->\n", 1)[1].split("\n<!-- recipes:end -->", 1)[0]
     assert section == markdown_table(), "docs/training.md recipe table is stale: paste recipes.markdown_table()"
+    section = page.split("<!-- scaled:start -->\n", 1)[1].split("\n<!-- scaled:end -->", 1)[0]
+    assert section == scaled_table(), "docs/training.md sizing table is stale: paste recipes.scaled_table()"

@@ -12,7 +12,7 @@ from tests.helpers.paths import WEIGHTS_DIR
 from training.cli import main as cli_main
 from training.core import policy
 from training.core.augment import OPS, Augmenter, AugmentError
-from training.core.config import TrainConfig
+from training.core.config import ConfigError, TrainConfig
 from training.core.data import Split
 from training.core.engine import FitOptions, class_weights, epoch_order, fit
 from training.core.recipes import config_from_recipe, load_recipes
@@ -95,6 +95,78 @@ def test_ema_weights_differ_from_the_raw_weights_after_training():
     result = fit(model, tiny_split(), tiny_split(seed=1), ["a", "b", "c"], options, progress=False)
     metrics = result.history[0].metrics
     assert "ema_val_loss" in metrics and metrics["ema_val_loss"] != metrics["val_loss"]
+
+
+def fit_checkpoints(every_s: float, crash_at: int = 0, epochs: int = 4) -> list[int]:
+    """The epochs whose state reached the checkpoint writer in a tiny fit."""
+    torch.manual_seed(0)
+    model = zoo.create_model("cnn", in_chans=3, num_classes=3, input_size=28, filters="8", hidden=16)
+    options = FitOptions(epochs=epochs, batch_size=16, lr=0.01, optimizer="sgd", checkpoint_every=every_s)
+    written = []
+
+    def crash(result):
+        if result.epoch == crash_at:
+            raise RuntimeError("power cut")
+
+    try:
+        fit(
+            model,
+            tiny_split(),
+            tiny_split(seed=1),
+            ["a", "b", "c"],
+            options,
+            crash,
+            False,
+            lambda state: written.append(state["epoch"]),
+        )
+    except RuntimeError:
+        pass
+    return written
+
+
+def test_checkpoints_follow_the_interval_and_a_stopped_fit_saves_its_last_epoch():
+    assert fit_checkpoints(every_s=0) == [1, 2, 3, 4]
+    assert fit_checkpoints(every_s=3600) == [1, 4]  # the first epoch, then the final one on the way out
+    assert fit_checkpoints(every_s=3600, crash_at=3) == [1, 3]  # the crashed epoch was finished and is kept
+
+
+def test_folded_evaluation_gives_the_model_outputs_and_leaves_the_model_alone():
+    from training.core.engine import folded, predict
+
+    torch.manual_seed(0)
+    model = zoo.TTAClassifier(
+        zoo.create_model("resnet9", in_chans=3, num_classes=3, input_size=28, width=8), ("identity", "shift_left")
+    )
+    fit(
+        model,
+        tiny_split(),
+        tiny_split(seed=1),
+        ["a", "b", "c"],
+        FitOptions(epochs=1, batch_size=16, lr=0.01),
+        progress=False,
+    )  # BatchNorm statistics that are not 0 and 1
+    model.eval()
+    fused = folded(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+    x = random_images(8).float() / 255
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    probs, _ = predict(model, tiny_split(seed=2))
+    with torch.no_grad():
+        expected = model(tiny_split(seed=2).images.float() / 255).softmax(1).numpy()
+    assert np.allclose(probs, expected, atol=1e-5)
+
+
+def test_precision_auto_follows_the_hardware_and_bad_values_are_named():
+    from training.core.config import ConfigError, resolve
+    from training.core.devices import native_bf16
+
+    run = resolve(TrainConfig(dataset="bloodmnist"))
+    assert run.precision == ("bf16" if native_bf16() else "fp32")
+    assert resolve(TrainConfig(dataset="bloodmnist", precision="fp32")).precision == "fp32"
+    with pytest.raises(ConfigError, match="precision='fp16' is not one of: auto, fp32, bf16"):
+        resolve(TrainConfig(dataset="bloodmnist", precision="fp16"))
 
 
 @pytest.mark.parametrize("spec, moving", [("backbone", {"backbone.classifier"}), ("2", {"backbone.blocks.2"})])
@@ -226,3 +298,29 @@ def test_cuda_without_a_gpu_is_a_clear_error(synthetic_env, mlflow_store, capsys
     assert cli_main(["train", "--dataset", "bloodmnist", "--device", "cuda", "--epochs", "1"]) == 2
     assert "device='cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
     assert all_runs() == []
+
+
+def test_the_scale_rule_sizes_a_recipe_by_the_training_set_and_names_no_dataset(tmp_path):
+    from training.core.recipes import Scale
+
+    rule = Scale(images_seen=210_000, max_epochs=120, max_width=32, min_steps_per_epoch=8, max_members=3)
+    values = {"model_kwargs": {"width": 16}, "batch_size": 128}
+    large = rule.apply(values, 34_561)
+    assert (large["epochs"], large["model_kwargs"]["width"], large["batch_size"], large["members"]) == (6, 16, 128, 1)
+    small = rule.apply(values, 546)  # 120 epochs use 65,520 of 210,000: x3.2 left, width 16 x 1.79 -> 32
+    assert (small["epochs"], small["model_kwargs"]["width"], small["batch_size"], small["members"]) == (120, 32, 64, 1)
+    tiny = rule.apply(values, 100)  # 17.5x left: width 32 takes 4x, 3 members (at most) take the rest
+    assert (tiny["model_kwargs"]["width"], tiny["batch_size"], tiny["members"]) == (32, 16, 3)
+    assert values == {"model_kwargs": {"width": 16}, "batch_size": 128}  # the recipe itself is not changed
+    # what a run gets: the rule for its dataset's training split, or for max_train_samples of it
+    assert config_from_recipe("quick", dataset="breastmnist").batch_size == 64
+    assert config_from_recipe("quick", dataset="organamnist", max_train_samples=546).model_kwargs["width"] == 32
+    assert config_from_recipe("quick", dataset="breastmnist", epochs=3).epochs == 3  # given values win
+
+    bad = tmp_path / "recipes.yaml"
+    bad.write_text("r:\n  model: cnn\n  by_dataset: {bloodmnist: {epochs: 3}}\n")
+    with pytest.raises(ConfigError, match="recipe r sets by_dataset; recipes may set: .* and scale"):
+        load_recipes(bad)
+    bad.write_text("r:\n  scale: {images: 1000}\n")
+    with pytest.raises(ConfigError, match="scale sets images; it may set: images_seen, max_epochs"):
+        load_recipes(bad)

@@ -12,7 +12,7 @@ import zoo
 from training.core import policy
 from training.core.augment import OPS, AugmentError
 from training.core.data import DatasetError, check_dataset_name, dataset_info
-from training.core.devices import DEVICES, resolve_device
+from training.core.devices import DEVICES, PRECISIONS, DeviceError, resolve_device, resolve_precision
 from training.core.engine import CLASS_BALANCES
 from training.core.optim import OPTIMIZERS, SCHEDULERS
 from training.core.options import AUTO, NONE, OptionError, as_params, option, parse_key_values
@@ -67,6 +67,12 @@ class TrainConfig:
     freeze: str = option(NONE, f"{NONE}, backbone (all but the classifier) or N (the stem and the first N stages)")
     head_lr: float | None = option(None, f"learning rate of the classifier head ({AUTO}: lr)")
     device: str = option(AUTO, f"one of: {', '.join(DEVICES)} ({AUTO}: cuda when there is a GPU)")
+    checkpoint_every: float = option(
+        30.0, "seconds between training checkpoints (0: every epoch); a run that stops saves its last finished epoch"
+    )
+    precision: str = option(
+        AUTO, f"of the training step: {', '.join(PRECISIONS)} ({AUTO}: bf16 on GPUs and CPUs with native bfloat16)"
+    )
 
     def __post_init__(self):
         if isinstance(self.model_kwargs, str):
@@ -118,6 +124,7 @@ class TrainConfig:
         _one_of("select_metric", self.select_metric, SELECT_METRICS)
         _one_of("class_balance", self.class_balance, CLASS_BALANCES)
         _one_of("device", self.device, DEVICES)
+        _one_of("precision", self.precision, PRECISIONS)
         if self.select_metric == "last" and self.patience:
             raise ConfigError(
                 f"patience={self.patience!r} needs a validation metric to wait on; select_metric=last has none "
@@ -142,7 +149,7 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
         for name in ("epochs", "batch_size", "size", "members"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("patience", "max_train_samples", "weight_decay", "l1", "seed"):
+        for name in ("patience", "max_train_samples", "weight_decay", "l1", "seed", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr!r} must be > 0.")
@@ -194,6 +201,7 @@ class ResolvedConfig:
     input_size: int
     augment: tuple[str, ...]
     tta: tuple[str, ...]
+    precision: str = "fp32"
     notes: tuple[str, ...] = ()
 
 
@@ -209,4 +217,9 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
         tta = policy.resolve_tta(config.tta, config.dataset)
     except AugmentError as err:
         raise ConfigError(str(err)) from None
-    return ResolvedConfig(replace(config), resolve_device(config.device), size, augment, tta, notes)
+    device = resolve_device(config.device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except DeviceError as err:
+        raise ConfigError(str(err)) from None
+    return ResolvedConfig(replace(config), device, size, augment, tta, precision, notes)

@@ -86,16 +86,18 @@ def list_datasets() -> list[str]:
 
 
 def dataset_info(name: str) -> dict:
-    """Task, channels and class names without touching any file."""
+    """Task, channels, class names and the training split's size without touching any file."""
     check_dataset_name(name)
     if name in TORCHVISION_DATASETS:
-        return {"task": "multi-class", "channels": 1, "class_names": TORCHVISION_DATASETS[name][1]}
+        train = 60_000 - max(1, int(60_000 * VAL_FRACTION))  # MNIST and Fashion-MNIST: 60,000, less validation
+        return {"task": "multi-class", "channels": 1, "class_names": TORCHVISION_DATASETS[name][1], "train": train}
     info = INFO[name]
     labels = info["label"]
     return {
         "task": info["task"],
         "channels": info["n_channels"],
         "class_names": [labels[str(i)] for i in range(len(labels))],
+        "train": info["n_samples"]["train"],
     }
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the training step (autocast); weights and optimiser stay float32
 # Images per evaluation forward pass. On CPUs a small batch stays in cache: ResNet-9 (width 16) with 5-view TTA
 # ran 0.25 ms per image-view at 160 images per pass against 0.70 at 2560 (contiguous layout). GPUs want big ones.
 EVAL_IMAGES_PER_FORWARD = {"cpu": 160, "cuda": 4096}
@@ -53,6 +54,27 @@ def channels_last(model: nn.Module):
             model.to(memory_format=torch.contiguous_format)
 
 
-def autocast(device: str):
-    """bfloat16 autocast on GPUs; plain float32 on CPUs (where bf16 is slower for these small nets)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): oneDNN's bf16 kernels are fast there
+    and emulated, slower than float32, elsewhere."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """``auto``: bf16 on GPUs and on CPUs with native bfloat16, else fp32. bf16 ran ResNet-9's training step 1.7x
+    faster than fp32 on a 2-core Zen 5 (benchmarks/RESULTS.md, "Making the step faster")."""
+    if name not in PRECISIONS:
+        raise DeviceError(f"precision={name!r} is not one of: {', '.join(PRECISIONS)}.")
+    if name == "auto":
+        return "bf16" if device == "cuda" or native_bf16() else "fp32"
+    return name
+
+
+def autocast(device: str, precision: str = "auto"):
+    """bfloat16 autocast for ``precision`` bf16; float32 otherwise. Evaluation passes no precision: bf16 on GPUs,
+    float32 on CPUs, where the exported float32 graph must give the metrics that the run logged."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

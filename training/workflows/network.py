@@ -96,6 +96,8 @@ def fit_options(run: ResolvedConfig, model: torch.nn.Module, world: World = Worl
         head_lr=config.head_lr,
         head_parameters=zoo.head_parameter_names(model.backbone, prefix="backbone."),
         device=run.device,
+        precision=run.precision,
+        checkpoint_every=config.checkpoint_every,
         world=world,
     )
 
@@ -161,13 +163,16 @@ def train_network(
             records.log_dataset(dataset)
         records.log_notes(list(run.notes) + dataset.notes)
 
+        logged_before = 0  # epochs a killed run logged past its last checkpoint are trained again, not logged again
+
         def log_epoch(result: EpochResult) -> None:
-            mlflow.log_metrics(result.metrics, step=result.epoch)
+            if result.epoch > logged_before:
+                mlflow.log_metrics(result.metrics, step=result.epoch)
             if on_epoch_end is not None:
                 on_epoch_end(result)
 
         if resume is not None:
-            _relog_missing_epochs(mlflow_run.info.run_id, resume.state)
+            logged_before = _relog_missing_epochs(mlflow_run.info.run_id, resume.state)
             mlflow.set_tag("medzoo.resumed_from_epoch", str(resume.state["epoch"]))
         fit_result = fit(
             model,
@@ -240,15 +245,19 @@ def _params(run: ResolvedConfig, dataset: ImageDataset, preprocessing: Preproces
         "test_samples": len(dataset.test),
         "augment_ops": to_text(run.augment) or "none",
         "tta_views": to_text(run.tta) or "none",
+        "step_precision": run.precision,
     }
 
 
-def _relog_missing_epochs(run_id: str, state: dict) -> None:
-    """Epochs the checkpoint holds but the run lost (killed between checkpoint and logging): log them."""
+def _relog_missing_epochs(run_id: str, state: dict) -> int:
+    """Epochs the checkpoint holds but the run lost (killed between checkpoint and logging): log them. Returns
+    the last epoch the run has logged, which can be past the checkpoint (checkpoints are written on a time
+    interval; a resumed run trains those epochs again to the same values)."""
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")}
     for epoch, metrics in state["result"]["history"]:
         if epoch not in logged:
             mlflow.log_metrics(metrics, step=epoch)
+    return max(logged, default=0)
 
 
 def _log_reports(config, title: str, dataset: ImageDataset, fit_result: FitResult, test_probs) -> None:

@@ -1,0 +1,182 @@
+"""Choose a recipe's rule honestly: leave one dataset out.
+
+Each candidate is the recipe with a few of its values or of its `scale` rule changed. Every candidate trains on
+OrganAMNIST, BloodMNIST and BreastMNIST (seed 0) with the rule's own sizing for each. For each held-out dataset
+the candidate with the best mean validation ACC on the *other two* is chosen, and only then is its test ACC on the
+held-out dataset read, over 3 seeds (the missing seeds are trained for the chosen candidates only). The table
+puts the three held-out results beside what per-dataset tuning reached before the rules (fp32 step, values chosen
+on each dataset's own validation split) and the candidate the three validation splits choose together, which is
+what configs/recipes.yaml should ship.
+
+    python benchmarks/rule_choice.py                      # resumable: finished cases are kept
+    python benchmarks/rule_choice.py --selection-only     # phase 1 only
+
+Runs go through benchmarks/accuracy.py's `run_case` (a real `python -m training.cli train` process, its wall time
+measured) into benchmarks/rule_choice_results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import statistics
+
+from accuracy import REFERENCES, create_store, device_name, mean_std, run_case
+from common import ROOT, real_data_dir, write_section
+
+from training.core.options import to_text
+from training.core.recipes import load_recipes
+
+RESULTS_FILE = ROOT / "benchmarks" / "rule_choice_results.jsonl"
+RECIPE = "quick"
+DATASETS = ("organamnist", "bloodmnist", "breastmnist")
+SELECTION_SEED, SEEDS = 0, (0, 1, 2)
+# What can change: recipe values (command-line names) and `scale.<field>` of the rule.
+CANDIDATES = {
+    "210k images": {},
+    "210k images, MixUp 0.2": {"mixup": 0.2},
+    "140k images": {"scale.images_seen": 140000},
+    "140k images, MixUp 0.2": {"scale.images_seen": 140000, "mixup": 0.2},
+}
+# quick before the rules (benchmarks/RESULTS.md at commit 4dfac93): per-dataset epochs, width, batch size and
+# MixUp, each chosen on that dataset's validation split; fp32 step; 3 seeds; process wall time (median).
+TUNED_BEFORE = {
+    "organamnist": "0.9290 ± 0.0070, 214 s",
+    "bloodmnist": "0.9740 ± 0.0010, 237 s",
+    "breastmnist": "0.8780 ± 0.0420, 182 s",
+}
+MEASURED = ("best_val_acc", "test_acc", "process_time")
+
+
+def candidate_values(name: str, dataset: str) -> dict:
+    """What the candidate trains on ``dataset``: the recipe changed as the candidate says, sized by its rule."""
+    recipe = load_recipes()[RECIPE]
+    changes = CANDIDATES[name]
+    scale = dataclasses.replace(
+        recipe.scale, **{k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("scale.")}
+    )
+    values = {**recipe.values, **{k: v for k, v in changes.items() if not k.startswith("scale.")}}
+    return dataclasses.replace(recipe, values=values, scale=scale).values_for(dataset)
+
+
+def command_line(values: dict) -> tuple[str, ...]:
+    """Every value as a command-line parameter: the process trains exactly the candidate."""
+    args = []
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", to_text(value)]
+    return tuple(args)
+
+
+def mark(values: dict) -> str:
+    text = json.dumps({k: to_text(v) for k, v in sorted(values.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_rows() -> list[dict]:
+    if not RESULTS_FILE.exists():
+        return []
+    return [json.loads(line) for line in RESULTS_FILE.read_text().splitlines() if line.strip()]
+
+
+def current(rows: list[dict], name: str, dataset: str) -> list[dict]:
+    """The rows of this candidate on this dataset measured with its present values, on this device."""
+    fp, device = mark(candidate_values(name, dataset)), device_name("cpu")
+    found = {r["seed"]: r for r in rows if r["fingerprint"] == fp and r["dataset"] == dataset and r["device"] == device}
+    return [found[s] for s in sorted(found)]
+
+
+def validation(rows: list[dict], name: str, datasets) -> float:
+    """Mean over ``datasets`` of the selection seed's validation ACC (NaN when a run is missing)."""
+    scores = []
+    for dataset in datasets:
+        found = [r for r in current(rows, name, dataset) if r["seed"] == SELECTION_SEED]
+        scores.append(found[0]["best_val_acc"] if found else float("nan"))
+    return statistics.mean(scores)
+
+
+def choose(rows: list[dict], datasets) -> str:
+    return max(CANDIDATES, key=lambda name: validation(rows, name, datasets))
+
+
+def run(name: str, dataset: str, seed: int, data_dir) -> None:
+    values = candidate_values(name, dataset)
+    print(f"{name} / {dataset} / seed {seed} ...", flush=True)
+    row = run_case(RECIPE, dataset, seed, data_dir, "cpu", command_line(values), mark(values))
+    row["candidate"] = name
+    with RESULTS_FILE.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"    val {row['best_val_acc']:.4f}, test {row['test_acc']:.4f}, {row['process_time']:.0f} s", flush=True)
+
+
+def report(rows: list[dict]) -> str:
+    lines = [
+        "| held-out dataset | chosen on the other two (validation ACC) | held-out test ACC | wall time (s) | "
+        "tuned on itself before the rules (test ACC, wall) | MedMNIST v2 ResNet-18 (28) |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for held_out in DATASETS:
+        others = [d for d in DATASETS if d != held_out]
+        name = choose(rows, others)
+        found = current(rows, name, held_out)
+        seeds = f" ({len(found)} seeds, partial)" if len(found) < len(SEEDS) else ""
+        walls = [r["process_time"] for r in found]
+        lines.append(
+            f"| {held_out} | {name} ({validation(rows, name, others):.4f}) | "
+            f"{mean_std([r['test_acc'] for r in found])}{seeds} | "
+            f"{statistics.median(walls):.0f} | {TUNED_BEFORE[held_out]} | "
+            f"{REFERENCES[held_out]['MedMNIST v2 ResNet-18 (28)']:.3f} |"
+            if found
+            else f"| {held_out} | {name} | - | - | {TUNED_BEFORE[held_out]} | - |"
+        )
+    lines += ["", "Every candidate, seed 0 (validation ACC / test ACC / wall s):", ""]
+    lines += ["| candidate | " + " | ".join(DATASETS) + " | mean validation ACC |", "|---|---|---|---|---:|"]
+    for name in CANDIDATES:
+        cells = []
+        for dataset in DATASETS:
+            found = [r for r in current(rows, name, dataset) if r["seed"] == SELECTION_SEED]
+            cells.append(
+                f"{found[0]['best_val_acc']:.4f} / {found[0]['test_acc']:.4f} / {found[0]['process_time']:.0f}"
+                if found
+                else "-"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {validation(rows, name, DATASETS):.4f} |")
+    lines += ["", f"Chosen on all three validation splits (what `{RECIPE}` ships): **{choose(rows, DATASETS)}**."]
+    return "\n".join(lines)
+
+
+def write(rows: list[dict]) -> None:
+    body = (
+        f"## Choosing `{RECIPE}`'s rule, one dataset left out\n\n"
+        "Each candidate trains on the three datasets (seed 0); for each held-out dataset the candidate with the best "
+        "mean validation ACC on the other two is chosen, then its test ACC on the held-out dataset is read over 3 "
+        "seeds. Process wall times on the 2-core CPU with the bfloat16 step. Reproduce: "
+        "`python benchmarks/rule_choice.py` (resumable).\n\n" + report(rows)
+    )
+    write_section(f"rule-choice-{RECIPE}", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--selection-only", action="store_true", help="train the seed-0 runs only")
+    args = parser.parse_args()
+    data_dir = real_data_dir()
+    create_store()
+    for name in CANDIDATES:
+        for dataset in DATASETS:
+            if not any(r["seed"] == SELECTION_SEED for r in current(load_rows(), name, dataset)):
+                run(name, dataset, SELECTION_SEED, data_dir)
+                write(load_rows())
+    if not args.selection_only:
+        for held_out in DATASETS:
+            name = choose(load_rows(), [d for d in DATASETS if d != held_out])
+            done = {r["seed"] for r in current(load_rows(), name, held_out)}
+            for seed in (s for s in SEEDS if s not in done):
+                run(name, held_out, seed, data_dir)
+                write(load_rows())
+    write(load_rows())
+
+
+if __name__ == "__main__":
+    main()
