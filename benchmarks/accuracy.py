@@ -30,6 +30,8 @@ from pathlib import Path
 from common import ROOT, real_data_dir, write_section
 
 RESULTS_FILE = ROOT / "benchmarks" / "accuracy_results.jsonl"
+# Runs of other benchmarks that trained a recipe exactly as it stands count here too (same fingerprint).
+ALSO_RECIPE_RUNS = (ROOT / "benchmarks" / "rule_choice_results.jsonl",)
 STORE = ROOT / "outputs" / "accuracy"
 DATASETS = (
     "organamnist",
@@ -67,9 +69,11 @@ def fingerprint(recipe: str, dataset: str) -> str:
 def finished() -> list[dict]:
     """The results of the recipes as they are now (older results stay in the file, out of the table); of a case
     run again (``--rerun``), the latest."""
-    if not RESULTS_FILE.exists():
-        return []
-    rows = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines() if line.strip()]
+    files = [f for f in (RESULTS_FILE, *ALSO_RECIPE_RUNS) if f.exists()]
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    from training.core.recipes import load_recipes
+
+    rows = [r for r in rows if r.get("recipe") in load_recipes()]
     current = [r for r in rows if r.get("fingerprint") == fingerprint(r["recipe"], r["dataset"])]
     latest = {(r["recipe"], r["dataset"], r["seed"], device_of(r)): r for r in current}
     return list(latest.values())

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import zoo
 from training.core import policy
 from training.core.data import Split, load_dataset
-from training.core.devices import channels_last, to_batch
+from training.core.devices import channels_last, native_bf16, to_batch
 from training.core.engine import FitOptions, prepare, train_one_epoch
 
 BATCH = 128
@@ -52,13 +52,15 @@ def _median_rate(call, flops: float, repeats: int) -> float:
 
 
 @torch.no_grad()
-def peak_gflops(repeats: int) -> dict[str, float]:
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    conv = torch.nn.Conv2d(GEMM_CHANNELS, GEMM_CHANNELS, 1, bias=False).to(memory_format=torch.channels_last)
-    x = torch.randn(64, GEMM_CHANNELS, 28, 28).contiguous(memory_format=torch.channels_last)
+def peak_gflops(repeats: int, precision: str) -> dict[str, float]:
+    """The dense kernels' rate in ``precision`` (bf16: bfloat16 operands, as autocast gives the convolutions)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
+    conv = torch.nn.Conv2d(GEMM_CHANNELS, GEMM_CHANNELS, 1, bias=False).to(dtype, memory_format=torch.channels_last)
+    x = torch.randn(64, GEMM_CHANNELS, 28, 28, dtype=dtype).contiguous(memory_format=torch.channels_last)
     return {
-        "matmul (MKL)": _median_rate(lambda: torch.matmul(a, b), 2 * MATMUL_N**3, repeats),
-        "1x1 conv (oneDNN)": _median_rate(lambda: conv(x), 2 * 64 * 28 * 28 * GEMM_CHANNELS**2, repeats),
+        f"matmul {precision}": _median_rate(lambda: torch.matmul(a, b), 2 * MATMUL_N**3, repeats),
+        f"1x1 conv {precision} (oneDNN)": _median_rate(lambda: conv(x), 2 * 64 * 28 * 28 * GEMM_CHANNELS**2, repeats),
     }
 
 
@@ -79,9 +81,11 @@ def training_flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> fl
     return counter.get_total_flops() / len(images)
 
 
-def images_per_second(model: torch.nn.Module, dataset, steps: int, augment: tuple[str, ...]) -> float:
+def images_per_second(
+    model: torch.nn.Module, dataset, steps: int, augment: tuple[str, ...], precision: str = "fp32"
+) -> float:
     train = dataset.train
-    options = FitOptions(epochs=1, batch_size=BATCH, lr=1e-3, optimizer="adamw", augment=augment)
+    options = FitOptions(epochs=1, batch_size=BATCH, lr=1e-3, optimizer="adamw", augment=augment, precision=precision)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
 
     def first(batches: int) -> Split:
@@ -106,43 +110,44 @@ def main() -> None:
         label: training_flops_per_image(make_model(name, options, dataset), dataset.train.images[:BATCH])
         for label, name, options in MODELS
     }
-    peaks, speeds = {}, {label: [] for label, _, _ in MODELS}
+    precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    cases = [(label, name, options, p) for label, name, options in MODELS for p in precisions]
+    peaks, speeds = {}, {(label, p): [] for label, _, _, p in cases}
     for repeat in range(args.repeats):
-        for kernel, rate in peak_gflops(3).items():
-            peaks.setdefault(kernel, []).append(rate)
-        for label, name, options in MODELS if repeat % 2 == 0 else reversed(MODELS):
-            speeds[label].append(images_per_second(make_model(name, options, dataset), dataset, args.steps, augment))
+        for precision in precisions:
+            for kernel, rate in peak_gflops(3, precision).items():
+                peaks.setdefault(kernel, []).append(rate)
+        for label, name, options, precision in cases if repeat % 2 == 0 else reversed(cases):
+            model = make_model(name, options, dataset)
+            speeds[label, precision].append(images_per_second(model, dataset, args.steps, augment, precision))
     kernels = {kernel: statistics.median(rates) for kernel, rates in peaks.items()}
-    peak = max(kernels.values())
-    rows = []
-    for label, _, _ in MODELS:
-        rate = statistics.median(speeds[label])
-        achieved = rate * flops[label] / 1e9
-        rows.append((label, flops[label] / 1e6, rate, achieved, achieved / peak))
-        print(
-            f"{label:26s} {flops[label] / 1e6:7.1f} MFLOP/img {rate:7.0f} img/s {achieved:6.1f} GFLOP/s "
-            f"{achieved / peak:6.1%} of {peak:.0f}",
-            flush=True,
-        )
+    peak = {p: max(v for k, v in kernels.items() if f" {p}" in k) for p in precisions}
     table = [
-        "| model | training MFLOP / image | images/s | GFLOP/s | fraction of the peak |",
-        "|---|---:|---:|---:|---:|",
+        "| model | step precision | training MFLOP / image | images/s | vs fp32 | GFLOP/s | of the fp32 peak "
+        "| of its precision's peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    table += [
-        f"| {label} | {mflop:.1f} | {rate:.0f} | {gflops:.1f} | {share:.1%} |"
-        for label, mflop, rate, gflops, share in rows
-    ]
+    for label, _, _, precision in cases:
+        rate = statistics.median(speeds[label, precision])
+        achieved = rate * flops[label] / 1e9
+        ratio = rate / statistics.median(speeds[label, "fp32"])
+        table.append(
+            f"| {label} | {precision} | {flops[label] / 1e6:.1f} | {rate:.0f} | {ratio:.2f}x | {achieved:.1f} | "
+            f"{achieved / peak['fp32']:.1%} | {achieved / peak[precision]:.1%} |"
+        )
+        print(table[-1], flush=True)
     write_section(
         "train_efficiency",
         (
             "## How close training comes to this CPU's limit (`benchmarks/train_efficiency.py`)\n\n"
-            "Peak: the faster dense float32 kernel, medians of "
+            "Peak: the faster dense kernel of each precision, medians of "
             f"{args.repeats}: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in kernels.items()) + " "
             f"({machine()}). Training: `train_one_epoch` on OrganAMNIST 28 px, batch {BATCH}, AdamW, augmentation "
             f"{', '.join(augment)}, medians of {args.repeats} x {args.steps} steps. FLOPs of a forward and backward "
             "pass by `torch.utils.flop_counter` (convolutions and matmuls only, counted as direct convolutions). "
-            "MKL's sgemm takes its AVX2 path on AMD CPUs while oneDNN uses AVX-512, hence the two peaks.\n\n"
-            + "\n".join(table)
+            "MKL's sgemm takes its AVX2 path on AMD CPUs while oneDNN uses AVX-512, hence the two kernels. bf16: the "
+            "step under bfloat16 autocast (`precision=auto` on a CPU with native bfloat16, as this one), weights and "
+            "optimiser in float32.\n\n" + "\n".join(table)
         ),
     )
 

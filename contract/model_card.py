@@ -63,6 +63,12 @@ class ModelCard:
     tta: tuple[str, ...] = ()
     source_run: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    # Folded into the graph already (its outputs are divided by it); 1.0: not calibrated.
+    temperature: float = 1.0
+    # Conformal thresholds (contract.conformal): coverage level ("0.90") -> APS threshold on the graph's
+    # probabilities; empty for a model exported without them. ``conformal_images``: how many calibrated them.
+    conformal: dict[str, float] = field(default_factory=dict)
+    conformal_images: int = 0
     # Set by deploy from the registry; never guessed at export time.
     registered_model: str = ""
     model_version: str = ""
@@ -93,6 +99,9 @@ class ModelCard:
             tta=tuple(data.get("tta") or ()),
             source_run=data.get("source_run", ""),
             metrics={k: float(v) for k, v in (data.get("metrics") or {}).items()},
+            temperature=float(data.get("temperature", 1.0)),
+            conformal={str(k): float(v) for k, v in (data.get("conformal") or {}).items()},
+            conformal_images=int(data.get("conformal_images", 0)),
             registered_model=data.get("registered_model", ""),
             model_version=str(data.get("model_version", "")),
         )
@@ -115,6 +124,9 @@ class ModelCard:
             "tta": json.dumps(list(self.tta)),
             "source_run": self.source_run,
             **{k: f"{v:.6g}" for k, v in self.metrics.items()},
+            "temperature": repr(self.temperature),
+            "conformal": json.dumps(self.conformal, sort_keys=True),
+            "conformal_images": str(self.conformal_images),
         }
         if self.registered_model:
             props.update(registered_model=self.registered_model, model_version=self.model_version)
@@ -138,6 +150,9 @@ class ModelCard:
             tta=tuple(json.loads(props.get("tta") or "[]")),
             source_run=props.get("source_run", ""),
             metrics={k: float(props[k]) for k in REGISTRY_METRICS if props.get(k)},
+            temperature=float(props.get("temperature") or 1.0),
+            conformal={str(k): float(v) for k, v in json.loads(props.get("conformal") or "{}").items()},
+            conformal_images=int(props.get("conformal_images") or 0),
             registered_model=props.get("registered_model", ""),
             model_version=props.get("model_version", ""),
         )

@@ -28,10 +28,11 @@ class FormSpec:
     file_field: str
     many: bool  # several files allowed
     text_fields: tuple[str, ...] = ("task",)
+    optional_fields: tuple[str, ...] = ()  # text fields that may be left out
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return (self.file_field, *self.text_fields)
+        return (self.file_field, *self.text_fields, *self.optional_fields)
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,13 @@ def _checked(parts: list[Part], spec: FormSpec) -> UploadForm:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
     text = {}
-    for name in spec.text_fields:
+    for name in (*spec.text_fields, *spec.optional_fields):
         values = [p for p in parts if p.name == name]
+        if not values and name in spec.optional_fields:
+            continue
         if len(values) != 1 or values[0].filename is not None:
-            raise RequestError(f"the form needs exactly one text field {name!r}.", HTTPStatus.BAD_REQUEST)
+            wanted = "at most one" if name in spec.optional_fields else "exactly one"
+            raise RequestError(f"the form needs {wanted} text field {name!r}.", HTTPStatus.BAD_REQUEST)
         if len(values[0].data) > MAX_TEXT_BYTES:
             raise RequestError(f"the field {name!r} is longer than {MAX_TEXT_BYTES} bytes.", HTTPStatus.BAD_REQUEST)
         try:

@@ -19,7 +19,14 @@ class Prediction(BaseModel):
     label: str = Field(description="predicted class name")
     class_index: int
     confidence: float = Field(description="probability of the predicted class")
-    probabilities: dict[str, float] = Field(description="class name -> probability, highest first")
+    probabilities: dict[str, float] = Field(
+        description="class name -> probability, highest first (calibrated: the temperature is in the graph)"
+    )
+    prediction_set: list[str] | None = Field(
+        description="the classes that remain plausible: a conformal set that holds the true class with probability "
+        "`coverage` (null for a model exported without conformal calibration)"
+    )
+    coverage: float | None = Field(description="the coverage level of `prediction_set` (request field `coverage`)")
     model: ModelInfo
 
 
@@ -39,6 +46,8 @@ class TaskInfo(BaseModel):
     max_aspect_ratio: float = Field(description="longer / shorter side; more elongated images are refused (422)")
     colour_required: bool = Field(description="grey images are refused (422) for colour tasks")
     model: ModelInfo
+    temperature: float = Field(description="temperature folded into the graph (1.0: not calibrated)")
+    coverage_levels: list[float] = Field(description="levels a request may ask for in `coverage` (empty: no sets)")
     largest_batch: int = Field(description="largest adaptive batch among the last 1000 onnxruntime calls")
 
 

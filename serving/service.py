@@ -16,6 +16,7 @@ import secrets
 import signal
 import threading
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
@@ -25,7 +26,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import request_response
 
-from contract import REGISTERED_MODEL_PREFIX, ModelCard
+from contract import REGISTERED_MODEL_PREFIX, ModelCard, conformal
 from serving import bentoml_fixes, draining
 from serving.catalog import ONNX_FILE, Catalog, ServedModel, make_session
 from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
@@ -100,17 +101,50 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def prediction(model: ServedModel, logits: np.ndarray) -> Prediction:
+def coverage_level(model: ServedModel, requested: str | None) -> str | None:
+    """The conformal level a request asks for (``coverage`` field; default 0.90) as the card's key, or None for a
+    model exported without conformal sets. Unknown levels and sets asked of such a model are refused by name."""
+    levels = model.card.conformal
+    if requested is None:
+        return conformal.level_key(conformal.DEFAULT_COVERAGE) if levels else None
+    if not levels:
+        raise RequestError(
+            f"coverage={requested!r}: {model.card.registered_model or model.task} version "
+            f"{model.card.model_version or '?'} was exported without conformal prediction sets; train, register "
+            "and deploy a new version (python -m training.cli register), or ask without coverage.",
+            HTTPStatus.BAD_REQUEST,
+        )
+    text = requested.strip()
+    try:
+        key = conformal.level_key(float(text.rstrip("%")) / 100 if text.endswith("%") else float(text))
+    except ValueError:
+        key = None
+    if key not in levels:
+        raise RequestError(
+            f"coverage={requested!r} is not a calibrated level of this model; choose one of: "
+            f"{', '.join(sorted(levels))}.",
+            HTTPStatus.BAD_REQUEST,
+        )
+    return key
+
+
+def prediction(model: ServedModel, logits: np.ndarray, level: str | None = None) -> Prediction:
     probs = softmax(logits.astype(np.float64))
     best = int(probs.argmax())
     names = model.card.class_names
     ranked = sorted(zip(names, probs.tolist()), key=lambda pair: -pair[1])
+    plausible = None
+    if level is not None:
+        [members] = conformal.prediction_sets(probs[None], model.card.conformal[level])
+        plausible = [names[i] for i in members]
     return Prediction(
         task=model.task,
         label=names[best],
         class_index=best,
         confidence=float(probs[best]),
         probabilities=dict(ranked),
+        prediction_set=plausible,
+        coverage=float(level) if level is not None else None,
         model=model.info,
     )
 
@@ -136,9 +170,17 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
     image = {"type": "string", "format": "binary"}
     files = {"type": "array", "items": image, "maxItems": MAX_BATCH_IMAGES} if spec.many else image
     task = {"type": "string", "description": "dataset name or alias, e.g. organ, blood, breastmnist"}
-    body = {"type": "object", "required": list(spec.fields), "properties": {spec.file_field: files, "task": task}}
+    coverage = {
+        "type": "string",
+        "description": "coverage level of the prediction set: one of the model's `coverage_levels` in GET /models "
+        f"(default {conformal.DEFAULT_COVERAGE})",
+    }
+    required = [spec.file_field, *spec.text_fields]
+    properties = {spec.file_field: files, "task": task, "coverage": coverage}
+    body = {"type": "object", "required": required, "properties": properties}
     errors = {
-        400: "malformed form, missing or unexpected field, empty image",
+        400: "malformed form, missing or unexpected field, empty image, a coverage level the model was not "
+        "calibrated for",
         413: "body, image bytes, pixels or image count over the limit",
         415: "not multipart/form-data, or not a decodable image",
         401: "an API key is set (MEDZOO_API_KEY) and the request did not send it",
@@ -153,8 +195,8 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
 
 
 DECLARED_MODELS = store_models()  # listed once: the class declares these and each worker loads them
-IMAGE_FORM = FormSpec("image", many=False)
-BATCH_FORM = FormSpec("images", many=True)
+IMAGE_FORM = FormSpec("image", many=False, optional_fields=("coverage",))
+BATCH_FORM = FormSpec("images", many=True, optional_fields=("coverage",))
 
 # The HTTP API. BentoML serves it inside the service (workers, model store, probes, /metrics, OpenAPI page);
 # the routes read the upload themselves, once and in memory (README, "Why fast").
@@ -196,16 +238,18 @@ class MedZoo:
         gc.collect()
         gc.freeze()
 
-    async def classify(self, task: str, image: bytes) -> Prediction:
+    async def classify(self, task: str, image: bytes, coverage: str | None = None) -> Prediction:
         model = self.catalog.resolve(task)
+        level = coverage_level(model, coverage)
         pixels = model_input(model, image, "image")
-        return prediction(model, await model.batcher.infer(pixels))
+        return prediction(model, await model.batcher.infer(pixels), level)
 
-    async def classify_batch(self, task: str, images: list[bytes]) -> BatchPrediction:
+    async def classify_batch(self, task: str, images: list[bytes], coverage: str | None = None) -> BatchPrediction:
         model = self.catalog.resolve(task)
+        level = coverage_level(model, coverage)
         batch = np.stack([model_input(model, data, f"images[{i}]") for i, data in enumerate(images)])
         logits = await asyncio.to_thread(model.logits, batch)
-        return BatchPrediction(task=model.task, results=[prediction(model, row) for row in logits])
+        return BatchPrediction(task=model.task, results=[prediction(model, row, level) for row in logits])
 
     def reload(self) -> list[str]:
         """Load every model `deploy` imported since, and swap the catalogue in one assignment: requests already
@@ -247,6 +291,8 @@ class MedZoo:
                 max_aspect_ratio=MAX_ASPECT_RATIO,
                 colour_required=m.spec.in_chans == 3,
                 model=m.info,
+                temperature=m.card.temperature,
+                coverage_levels=sorted(float(level) for level in m.card.conformal),
                 largest_batch=max(m.batcher.batch_sizes, default=0),
             )
             for m in self.catalog.models.values()
@@ -274,7 +320,7 @@ async def classify(request: Request) -> Response:
     service = current()
     try:
         form = await read_form(request, IMAGE_FORM)
-        return json_response(await service.classify(form.text["task"], form.files[0]))
+        return json_response(await service.classify(form.text["task"], form.files[0], form.text.get("coverage")))
     except RequestError as err:
         return error(err)
 
@@ -287,7 +333,7 @@ async def classify_batch(request: Request) -> Response:
     service = current()
     try:
         form = await read_form(request, BATCH_FORM)
-        return json_response(await service.classify_batch(form.text["task"], form.files))
+        return json_response(await service.classify_batch(form.text["task"], form.files, form.text.get("coverage")))
     except RequestError as err:
         return error(err)
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from contract import Preprocessing
+from contract import ModelCard, Preprocessing, conformal
 from serving.preprocessing import MAX_BATCH_IMAGES, decode_image, to_model_input
 from tests.helpers.net import bentoml_server
 from tests.helpers.paths import REAL_DATA_DIR, ROOT, requires_real_data
@@ -128,6 +128,75 @@ def test_models_lists_tasks_with_metadata(client):
     assert {"400", "413", "415", "422"} <= set(classify["responses"])
     batch_form = spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert batch_form["properties"]["images"]["maxItems"] == MAX_BATCH_IMAGES
+
+
+def test_answers_carry_a_conformal_set_at_the_level_asked_for(client, deployed):
+    session = deployed["onnx"]["bloodmnist"]
+    card = ModelCard.from_props(session.get_modelmeta().custom_metadata_map)
+    assert card.temperature > 0 and set(card.conformal) == {"0.90", "0.95", "0.99"}
+    tasks = {t["task"]: t for t in client.get("/models").json()["tasks"]}
+    assert tasks["bloodmnist"]["coverage_levels"] == [0.9, 0.95, 0.99]
+    assert tasks["bloodmnist"]["temperature"] == pytest.approx(card.temperature)
+    images = load_dataset("bloodmnist", deployed["data"]).test.images[:8]
+    logits = session.run(None, {session.get_inputs()[0].name: to_input(images).numpy()})[0].astype(np.float64)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)  # in float64, as the service: sets are sums near a threshold
+    names = card.class_names
+    for image, probs in zip(images, expected):
+        default = post_image(client, png(image.numpy())).json()
+        assert default["coverage"] == 0.9
+        [members] = conformal.prediction_sets(probs[None], card.conformal["0.90"])
+        assert default["prediction_set"] == [names[i] for i in members]
+        assert default["prediction_set"][0] == default["label"]
+        sets = [
+            client.post(
+                "/classify",
+                files={"image": ("c.png", png(image.numpy()), "image/png")},
+                data={"task": "blood", "coverage": level},
+            ).json()
+            for level in ("0.95", "99%")
+        ]
+        assert [s["coverage"] for s in sets] == [0.95, 0.99]
+        assert set(default["prediction_set"]) <= set(sets[0]["prediction_set"]) <= set(sets[1]["prediction_set"])
+    refused = client.post(
+        "/classify",
+        files={"image": ("c.png", png(images[0].numpy()), "image/png")},
+        data={"task": "blood", "coverage": "0.8"},
+    )
+    assert refused.status_code == 400
+    assert (
+        refused.json()["error"]
+        == "coverage='0.8' is not a calibrated level of this model; choose one of: 0.90, 0.95, 0.99."
+    )
+    batch = client.post(
+        "/classify_batch",
+        files=[("images", ("a.png", png(images[0].numpy()), "image/png"))],
+        data={"task": "blood", "coverage": "0.99"},
+    )
+    assert batch.status_code == 200 and batch.json()["results"][0]["coverage"] == 0.99
+
+
+def test_a_version_exported_without_conformal_sets_answers_without_them_and_says_why():
+    from types import SimpleNamespace
+
+    from serving.preprocessing import RequestError
+    from serving.service import coverage_level
+
+    card = ModelCard(
+        "cnn",
+        "bloodmnist",
+        "multi-class",
+        ("a", "b"),
+        Preprocessing(28, 3, (0.5,) * 3, (0.5,) * 3),
+        registered_model="medzoo-bloodmnist",
+        model_version="3",
+    )
+    old = SimpleNamespace(card=card, task="bloodmnist")
+    assert coverage_level(old, None) is None
+    with pytest.raises(
+        RequestError, match="medzoo-bloodmnist version 3 was exported without conformal prediction sets"
+    ):
+        coverage_level(old, "0.9")
 
 
 def _bomb() -> bytes:

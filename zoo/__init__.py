@@ -9,6 +9,7 @@ from zoo import cnn as _cnn  # noqa: F401
 from zoo import mlp as _mlp  # noqa: F401
 from zoo import resnet9 as _resnet9  # noqa: F401
 from zoo import timm_models as _timm_models  # noqa: F401
+from zoo.calibration import TemperatureScaled
 from zoo.errors import TIMM_PREFIX, ZooError
 from zoo.factory import check_options, create_model, get_model_config
 from zoo.preprocessing import NormalizedClassifier
@@ -21,6 +22,7 @@ __all__ = [
     "TIMM_PREFIX",
     "TTA_VIEWS",
     "TTAClassifier",
+    "TemperatureScaled",
     "ModelConfig",
     "NormalizedClassifier",
     "ZooError",

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import zoo
 from training.core import policy
 from training.core.augment import OPS, AugmentError
+from training.core.calibration import CALIBRATIONS
 from training.core.data import DatasetError, check_dataset_name, dataset_info
 from training.core.devices import DEVICES, PRECISIONS, DeviceError, resolve_device, resolve_precision
 from training.core.engine import CLASS_BALANCES
@@ -63,6 +64,11 @@ class TrainConfig:
     class_balance: str = option(NONE, f"one of: {', '.join(CLASS_BALANCES)}")
     tta: str = option(
         NONE, f"test-time views averaged in the final evaluation and the exported model: {NONE}, {AUTO} or a list"
+    )
+    calibration: str = option(
+        "temperature",
+        "none or temperature: a temperature fitted on half of validation, folded into the exported graph "
+        "(conformal prediction sets are calibrated on the other half either way)",
     )
     freeze: str = option(NONE, f"{NONE}, backbone (all but the classifier) or N (the stem and the first N stages)")
     head_lr: float | None = option(None, f"learning rate of the classifier head ({AUTO}: lr)")
@@ -123,6 +129,7 @@ class TrainConfig:
         _one_of("scheduler", self.scheduler, SCHEDULERS)
         _one_of("select_metric", self.select_metric, SELECT_METRICS)
         _one_of("class_balance", self.class_balance, CLASS_BALANCES)
+        _one_of("calibration", self.calibration, CALIBRATIONS)
         _one_of("device", self.device, DEVICES)
         _one_of("precision", self.precision, PRECISIONS)
         if self.select_metric == "last" and self.patience:

@@ -43,6 +43,7 @@ def rebuild_network(model: nn.Module, card: ModelCard) -> nn.Module:
     )
     network = zoo.NormalizedClassifier(backbone, pre.mean, pre.std)
     wrapped = zoo.TTAClassifier(network, card.tta) if card.tta else network
+    wrapped = zoo.TemperatureScaled(wrapped, card.temperature) if card.temperature != 1.0 else wrapped
     wrapped.load_state_dict(model.state_dict())
     return network.eval()
 

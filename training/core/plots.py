@@ -63,6 +63,40 @@ def learning_curves_figure(history: list, best_epoch: int, title: str):
     return fig
 
 
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int, title: str):
+    """Reliability diagram: accuracy against confidence in equal-width bins, one line per (probs, labels) pair,
+    the diagonal being perfect calibration; beside it how many images fall in each bin."""
+    fig, (ax, ax_count) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    edges = np.linspace(0, 1, bins + 1)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for label, (probs, labels) in curves.items():
+        confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        ax.plot(
+            [confidence[which == b].mean() for b in filled],
+            [correct[which == b].mean() for b in filled],
+            "o-",
+            label=label,
+        )
+        ax_count.bar(
+            edges[:-1], np.bincount(which, minlength=bins), width=1 / bins, align="edge", alpha=0.5, label=label
+        )
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax_count.set_yscale("log")
+    ax_count.set_xlabel("confidence")
+    ax_count.set_ylabel("images")
+    for a in (ax, ax_count):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def mistakes_figure(
     images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], title: str, max_images: int = 16
 ):

@@ -20,6 +20,7 @@ from mlflow.models import infer_signature
 
 from contract import METADATA_KEY, ModelCard
 from training.core import plots
+from training.core.calibration import ECE_BINS, Calibration, tempered
 from training.core.data import ImageDataset
 from training.core.metrics import classification_metrics, confusion
 from training.core.plots import plt
@@ -91,6 +92,27 @@ def log_final_scores(
     mlflow.log_metrics({**scores["val"], **scores["test"], **extra})
     log_confusion_matrices(labels, probs, class_names, title)
     return scores["val"], scores["test"]
+
+
+def log_calibration(calibration: Calibration, probs: dict, labels: dict, title: str) -> None:
+    """The calibration metrics, ``calibration.json`` (temperature, conformal thresholds) and the test split's
+    reliability diagram before and after the temperature (``plots/reliability.png``)."""
+    mlflow.log_metrics(calibration.metrics)
+    log_json(
+        {
+            "temperature": calibration.temperature,
+            "conformal_thresholds": calibration.thresholds,
+            "conformal_images": calibration.conformal_images,
+        },
+        "calibration.json",
+    )
+    curves = {"uncalibrated": (probs["test"], labels["test"])}
+    if calibration.temperature != 1.0:
+        curves[f"temperature {calibration.temperature:.2f}"] = (
+            tempered(probs["test"], calibration.temperature),
+            labels["test"],
+        )
+    log_figure(plots.reliability_figure(curves, ECE_BINS, f"{title}: test reliability"), "plots/reliability.png")
 
 
 def confusion_matrix_path(split: str) -> str:

@@ -19,6 +19,7 @@ from sklearn.metrics import classification_report
 import zoo
 from contract import ModelCard, Preprocessing
 from training.core import distributed, plots
+from training.core.calibration import calibrate, calibration_metrics, check_validation, tempered
 from training.core.config import ConfigError, ResolvedConfig, TrainConfig
 from training.core.data import ImageDataset, load_dataset
 from training.core.distributed import World
@@ -156,6 +157,7 @@ def train_network(
     with lifecycle.tracked_run(run_name, tags, nested=nested, experiment=config.dataset, run_id=run_id) as mlflow_run:
         started = time.perf_counter()
         dataset = load(run)
+        check_validation(config.calibration, len(dataset.val))  # before any training, not after it
         model, preprocessing = build_model(config, dataset)
         n_params = sum(p.numel() for p in model.parameters())
         records.log_new_params(_params(run, dataset, preprocessing, world))
@@ -192,9 +194,17 @@ def train_network(
         # The final model averages the test-time views inside itself, so export and serving answer the same.
         model = zoo.TTAClassifier(model, run.tta) if run.tta else model
         # Selection is done; the test split is touched exactly once, with the selected weights.
-        (val_probs, val_loss), (test_probs, test_loss) = predict(model, dataset.val), predict(model, dataset.test)
+        (val_probs, _), (test_probs, _) = predict(model, dataset.val), predict(model, dataset.test)
         labels = {split: dataset.split(split).labels.numpy() for split in ("val", "test")}
         title = f"{config.model} on {dataset.name} ({dataset.size} px)"
+        # Calibrated on validation halves; from here on the run reports what the served graph answers.
+        calibration = calibrate(config.calibration, val_probs, labels["val"], test_probs, labels["test"])
+        records.log_calibration(calibration, {"val": val_probs, "test": test_probs}, labels, title)
+        model = zoo.TemperatureScaled(model, calibration.temperature) if calibration.temperature != 1.0 else model
+        val_probs, test_probs = (tempered(p, calibration.temperature) for p in (val_probs, test_probs))
+        val_loss, test_loss = (
+            calibration_metrics(p, labels[s])["nll"] for p, s in ((val_probs, "val"), (test_probs, "test"))
+        )
         val_metrics, test_metrics = records.log_final_scores(
             labels,
             {"val": val_probs, "test": test_probs},
@@ -221,6 +231,9 @@ def train_network(
             preprocessing=preprocessing,
             model_options={k: to_text(v) for k, v in config.model_options().items()},
             tta=run.tta,
+            temperature=calibration.temperature,
+            conformal=calibration.thresholds,
+            conformal_images=calibration.conformal_images,
         ).with_run(mlflow_run.info.run_id, {**val_metrics, **test_metrics, "n_params": n_params})
         model_info = records.log_model(model.cpu(), dataset.val.images[: records.PARITY_IMAGES], card)
         return TrainOutcome(mlflow_run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
