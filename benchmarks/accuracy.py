@@ -78,7 +78,7 @@ def fingerprint(recipe: str, dataset: str) -> str:
 def finished() -> list[dict]:
     """The results of the recipes as they are now (older results stay in the file, out of the table); of a case
     run again (``--rerun``), the latest."""
-    files = [f for f in (RESULTS_FILE, *ALSO_RECIPE_RUNS) if f.exists()]
+    files = [f for f in (*ALSO_RECIPE_RUNS, RESULTS_FILE) if f.exists()]  # this benchmark's own rows win
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     from training.core.recipes import load_recipes
 
