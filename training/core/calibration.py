@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from contract import conformal
 from training.core.data import stratified_indices
@@ -79,6 +78,9 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def calibration_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """ECE (15 equal-width confidence bins) and the mean negative log-likelihood."""
+    # Imported here: torchmetrics takes 2.2 s to import, which every command (even --help) would pay otherwise.
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     p, y = torch.from_numpy(np.asarray(probs, dtype=np.float64)), torch.from_numpy(np.asarray(labels)).long()
     ece = multiclass_calibration_error(p, y, num_classes=p.shape[1], n_bins=ECE_BINS, norm="l1")
     nll = F.nll_loss(p.clamp_min(1e-12).log(), y)
