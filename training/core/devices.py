@@ -60,13 +60,20 @@ def native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(name: str, device: str) -> str:
-    """``auto``: bf16 on GPUs and on CPUs with native bfloat16, else fp32. bf16 ran ResNet-9's training step 1.7x
-    faster than fp32 on a 2-core Zen 5 (benchmarks/RESULTS.md, "Making the step faster")."""
+# Zoo models whose CPU training step runs faster in bfloat16 (benchmarks/train_efficiency.py, 2-core Zen 5):
+# resnet9 1.73x (width 16) and 1.42x (width 24), cnn 1.30x. mobilenetv2 ran 0.44x (depthwise convolutions have
+# no fast bf16 kernel there), so `auto` keeps float32 on CPUs for every model not measured faster.
+BF16_FASTER_ON_CPU = ("resnet9", "cnn")
+
+
+def resolve_precision(name: str, device: str, model: str = "") -> str:
+    """``auto``: bf16 on GPUs, and on CPUs with native bfloat16 for the models measured faster there; else fp32."""
     if name not in PRECISIONS:
         raise DeviceError(f"precision={name!r} is not one of: {', '.join(PRECISIONS)}.")
     if name == "auto":
-        return "bf16" if device == "cuda" or native_bf16() else "fp32"
+        if device == "cuda":
+            return "bf16"
+        return "bf16" if model in BF16_FASTER_ON_CPU and native_bf16() else "fp32"
     return name
 
 
