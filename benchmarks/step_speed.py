@@ -146,8 +146,10 @@ def main() -> None:
         f"{args.repeats} x {args.steps} steps, variants interleaved; evaluation: the validation forward pass with "
         "OrganAMNIST's 5 test-time views. Kept: bf16 autocast for the step where the CPU has native bfloat16 "
         "(`precision=auto`), BatchNorm folded into the convolutions for every evaluation (same outputs to 1e-7). "
-        "The other rows were measured and not kept: slower than the kept set-up, or (torch.compile) a compilation "
-        "that costs more than it saves in a 2-minute run.\n\n" + table,
+        "Not kept: 1 thread, torch.compile (its compilation is paid in every 2-minute run), bf16 evaluation (the "
+        "run must report what the exported float32 graph answers); a larger batch changes the recipe, so it is a "
+        "rule candidate, not a speed setting (measured 2026-12-02: 1 thread 0.60x, compile slower, batch 256 "
+        "+7% in bf16).\n\n" + table,
     )
 
 
