@@ -83,8 +83,12 @@ def calibration_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
     p, y = torch.from_numpy(np.asarray(probs, dtype=np.float64)), torch.from_numpy(np.asarray(labels)).long()
     ece = multiclass_calibration_error(p, y, num_classes=p.shape[1], n_bins=ECE_BINS, norm="l1")
-    nll = F.nll_loss(p.clamp_min(1e-12).log(), y)
-    return {"ece": float(ece), "nll": float(nll)}
+    return {"ece": float(ece), "nll": nll(probs, labels)}
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
 
 
 @dataclass(frozen=True)

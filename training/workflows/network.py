@@ -19,7 +19,7 @@ from sklearn.metrics import classification_report
 import zoo
 from contract import ModelCard, Preprocessing
 from training.core import distributed, plots
-from training.core.calibration import calibrate, calibration_metrics, check_validation, tempered
+from training.core.calibration import calibrate, check_validation, nll, tempered
 from training.core.config import ConfigError, ResolvedConfig, TrainConfig
 from training.core.data import ImageDataset, load_dataset
 from training.core.distributed import World
@@ -202,9 +202,7 @@ def train_network(
         records.log_calibration(calibration, {"val": val_probs, "test": test_probs}, labels, title)
         model = zoo.TemperatureScaled(model, calibration.temperature) if calibration.temperature != 1.0 else model
         val_probs, test_probs = (tempered(p, calibration.temperature) for p in (val_probs, test_probs))
-        val_loss, test_loss = (
-            calibration_metrics(p, labels[s])["nll"] for p, s in ((val_probs, "val"), (test_probs, "test"))
-        )
+        val_loss, test_loss = nll(val_probs, labels["val"]), nll(test_probs, labels["test"])
         val_metrics, test_metrics = records.log_final_scores(
             labels,
             {"val": val_probs, "test": test_probs},
