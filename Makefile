@@ -16,9 +16,10 @@ BUDGET ?= quick
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt -e .
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 train: setup

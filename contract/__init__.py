@@ -7,22 +7,30 @@ this package (it needs neither torch nor the training code).
 
 from contract.model_card import (
     CHAMPION_ALIAS,
+    INPUT_NAME,
     METADATA_KEY,
+    OUTPUT_NAME,
     REGISTERED_MODEL_PREFIX,
     REGISTRY_METRICS,
+    ROBUSTNESS_TAG,
     ModelCard,
     Preprocessing,
     dataset_of_registered_model,
+    metric_safe,
     registered_model_name,
 )
 
 __all__ = [
     "CHAMPION_ALIAS",
+    "INPUT_NAME",
     "METADATA_KEY",
+    "OUTPUT_NAME",
     "REGISTERED_MODEL_PREFIX",
     "REGISTRY_METRICS",
+    "ROBUSTNESS_TAG",
     "ModelCard",
     "Preprocessing",
     "dataset_of_registered_model",
+    "metric_safe",
     "registered_model_name",
 ]

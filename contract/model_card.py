@@ -16,7 +16,19 @@ CHAMPION_ALIAS = "champion"
 METADATA_KEY = "medzoo"
 # Run metrics copied onto registry versions and into the served model's description.
 REGISTRY_METRICS = ("best_val_acc", "best_val_auc", "test_acc", "test_auc", "n_params")
+# The run metrics a card keeps (scores per split and class, calibration, conformal coverage): their prefixes.
+CARD_METRIC_PREFIXES = ("best_val_", "test_", "val_")
 INPUT_CONTRACT = "float32 pixels in [0, 1], NCHW; mean/std normalisation is inside the graph"
+# The robustness summary (the card's ``robustness``, JSON) as a tag of a training run and of a registered version.
+ROBUSTNESS_TAG = "medzoo.robustness"
+# The exported graph's input and output names.
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "logits"
+
+
+def metric_safe(name: str) -> str:
+    """MLflow metric names allow letters, digits and _-./ and spaces; class names like 'normal, benign' don't."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
 
 
 def registered_model_name(dataset: str) -> str:
@@ -69,13 +81,25 @@ class ModelCard:
     # probabilities; empty for a model exported without them. ``conformal_images``: how many calibrated them.
     conformal: dict[str, float] = field(default_factory=dict)
     conformal_images: int = 0
+    # How it was made: the recipe and the one command that trains it again.
+    recipe: str = ""
+    command: str = ""
+    # The data: description, license, split sizes ("splits") and training images per class ("class_counts").
+    data: dict = field(default_factory=dict)
+    # The test split's most frequent mistakes: {"true", "predicted", "count", "share" (of the true class)}.
+    confusions: tuple[dict, ...] = ()
+    # MedMNIST-C summary (training.workflows.robustness): clean/corrupted balanced ACC, BE, rBE, worst corruption.
+    robustness: dict = field(default_factory=dict)
     # Set by deploy from the registry; never guessed at export time.
     registered_model: str = ""
     model_version: str = ""
 
     def with_run(self, run_id: str, metrics: dict[str, float]) -> "ModelCard":
-        kept = {k: float(metrics[k]) for k in REGISTRY_METRICS if k in metrics}
-        return replace(self, source_run=run_id, metrics=kept)
+        kept = {k: float(v) for k, v in metrics.items() if k in REGISTRY_METRICS or k.startswith(CARD_METRIC_PREFIXES)}
+        return replace(self, source_run=run_id, metrics=dict(sorted(kept.items())))
+
+    def with_robustness(self, summary: dict) -> "ModelCard":
+        return replace(self, robustness=dict(summary))
 
     def with_registry(self, name: str, version: str) -> "ModelCard":
         return replace(self, registered_model=name, model_version=str(version))
@@ -85,6 +109,7 @@ class ModelCard:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
         data["tta"] = list(self.tta)
+        data["confusions"] = list(self.confusions)
         return data
 
     @classmethod
@@ -102,6 +127,11 @@ class ModelCard:
             temperature=float(data.get("temperature", 1.0)),
             conformal={str(k): float(v) for k, v in (data.get("conformal") or {}).items()},
             conformal_images=int(data.get("conformal_images", 0)),
+            recipe=data.get("recipe", ""),
+            command=data.get("command", ""),
+            data=dict(data.get("data") or {}),
+            confusions=tuple(data.get("confusions") or ()),
+            robustness=dict(data.get("robustness") or {}),
             registered_model=data.get("registered_model", ""),
             model_version=str(data.get("model_version", "")),
         )
@@ -123,10 +153,17 @@ class ModelCard:
             "model_options": json.dumps(self.model_options, sort_keys=True),
             "tta": json.dumps(list(self.tta)),
             "source_run": self.source_run,
-            **{k: f"{v:.6g}" for k, v in self.metrics.items()},
+            # The registry's few flat (what older readers look for), every card metric as JSON.
+            **{k: f"{v:.6g}" for k, v in self.metrics.items() if k in REGISTRY_METRICS},
+            "metrics": json.dumps(self.metrics, sort_keys=True),
             "temperature": repr(self.temperature),
             "conformal": json.dumps(self.conformal, sort_keys=True),
             "conformal_images": str(self.conformal_images),
+            "recipe": self.recipe,
+            "command": self.command,
+            "data": json.dumps(self.data, sort_keys=True),
+            "confusions": json.dumps(list(self.confusions)),
+            "robustness": json.dumps(self.robustness, sort_keys=True),
         }
         if self.registered_model:
             props.update(registered_model=self.registered_model, model_version=self.model_version)
@@ -149,10 +186,19 @@ class ModelCard:
             model_options=json.loads(props.get("model_options") or "{}"),
             tta=tuple(json.loads(props.get("tta") or "[]")),
             source_run=props.get("source_run", ""),
-            metrics={k: float(props[k]) for k in REGISTRY_METRICS if props.get(k)},
+            metrics=(
+                {k: float(v) for k, v in json.loads(props["metrics"]).items()}
+                if props.get("metrics")
+                else {k: float(props[k]) for k in REGISTRY_METRICS if props.get(k)}
+            ),
             temperature=float(props.get("temperature") or 1.0),
             conformal={str(k): float(v) for k, v in json.loads(props.get("conformal") or "{}").items()},
             conformal_images=int(props.get("conformal_images") or 0),
+            recipe=props.get("recipe", ""),
+            command=props.get("command", ""),
+            data=json.loads(props.get("data") or "{}"),
+            confusions=tuple(json.loads(props.get("confusions") or "[]")),
+            robustness=json.loads(props.get("robustness") or "{}"),
             registered_model=props.get("registered_model", ""),
             model_version=props.get("model_version", ""),
         )
@@ -166,5 +212,5 @@ class ModelCard:
             "class_names": json.dumps(list(self.class_names)),
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
             "parity": parity,
-            **{k: f"{v:.6g}" for k, v in self.metrics.items()},
+            **{k: f"{v:.6g}" for k, v in self.metrics.items() if k in REGISTRY_METRICS},
         }

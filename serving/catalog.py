@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 import onnxruntime as ort
 
-from contract import ModelCard
+from contract import ModelCard, card_markdown
 from serving.batching import MicroBatcher
 from serving.preprocessing import RequestError
 from serving.schemas import ModelInfo
@@ -44,6 +44,22 @@ class ServedModel:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+    @cached_property
+    def _card(self) -> tuple[str | None, str]:
+        try:
+            return card_markdown.render(self.card), ""
+        except card_markdown.CardError as err:
+            return None, f"{err} (registered model {self.card.registered_model} v{self.card.model_version})"
+
+    @property
+    def card_text(self) -> str | None:
+        """The model card as Markdown, rendered once; None for a version exported before cards."""
+        return self._card[0]
+
+    @property
+    def card_problem(self) -> str:
+        return self._card[1]
 
     @property
     def aliases(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ model card (the ONNX metadata_props, plus the registered name and version) becom
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import bentoml
 import mlflow
 import onnx
 
-from contract import CHAMPION_ALIAS, ModelCard, dataset_of_registered_model, registered_model_name
+from contract import CHAMPION_ALIAS, ROBUSTNESS_TAG, ModelCard, dataset_of_registered_model, registered_model_name
 from serving.catalog import ONNX_FILE
 
 
@@ -35,28 +36,44 @@ def champions() -> dict[str, object]:
     return found
 
 
-def already_imported(name: str, version: str, source_run: str) -> bentoml.Model | None:
+def robustness_run(version) -> str:
+    """The run that measured the version's robustness ("" when none did): a new measurement is a new import."""
+    return json.loads(version.tags[ROBUSTNESS_TAG])["run_id"] if ROBUSTNESS_TAG in version.tags else ""
+
+
+def already_imported(name: str, version: str, source_run: str, robustness: str = "") -> bentoml.Model | None:
     try:
         stored = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:
         return None
     for model in stored:
         labels = model.info.labels
-        if labels.get("model_version") == version and labels.get("source_run") == source_run:
+        if (labels.get("model_version"), labels.get("source_run"), labels.get("robustness_run", "")) == (
+            version,
+            source_run,
+            robustness,
+        ):
             return model
     return None
 
 
 def import_champion(name: str, version) -> tuple[bentoml.Model, bool]:
     source_run = version.tags.get("source_run", "")
-    existing = already_imported(name, str(version.version), source_run)
+    existing = already_imported(name, str(version.version), source_run, robustness_run(version))
     if existing is not None:
         return existing, False
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION_ALIAS}", dst_path=tmp))
         proto = onnx.load(str(local / "model.onnx"))
     card = ModelCard.from_props({p.key: p.value for p in proto.metadata_props}).with_registry(name, version.version)
-    labels = {"dataset": card.dataset, "model_version": str(version.version), "source_run": source_run}
+    if ROBUSTNESS_TAG in version.tags:  # measured after the export: the registry holds it, the file does not
+        card = card.with_robustness(json.loads(version.tags[ROBUSTNESS_TAG]))
+    labels = {
+        "dataset": card.dataset,
+        "model_version": str(version.version),
+        "source_run": source_run,
+        "robustness_run": robustness_run(version),
+    }
     with bentoml.models.create(name, labels=labels, metadata=card.to_props()) as model:
         onnx.save(proto, model.path_of(ONNX_FILE))
     return model, True

@@ -49,6 +49,7 @@ class TaskInfo(BaseModel):
     temperature: float = Field(description="temperature folded into the graph (1.0: not calibrated)")
     coverage_levels: list[float] = Field(description="levels a request may ask for in `coverage` (empty: no sets)")
     largest_batch: int = Field(description="largest adaptive batch among the last 1000 onnxruntime calls")
+    card: str | None = Field(description="path of the model card (Markdown); null when this version has none")
 
 
 class Catalogue(BaseModel):

@@ -22,6 +22,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import request_response
@@ -47,6 +48,7 @@ bentoml_fixes.apply()
 draining.install()
 logger = logging.getLogger("medzoo")
 
+CARD_MEDIA_TYPE = "text/markdown; charset=utf-8"
 API_KEY_ENV = "MEDZOO_API_KEY"  # the prediction routes need it when set
 ADMIN_KEY_ENV = "MEDZOO_ADMIN_KEY"  # the admin routes exist only when set
 HOST_ENV, LOCAL_HOST = "MEDZOO_HOST", "127.0.0.1"
@@ -294,6 +296,7 @@ class MedZoo:
                 temperature=m.card.temperature,
                 coverage_levels=sorted(float(level) for level in m.card.conformal),
                 largest_batch=max(m.batcher.batch_sizes, default=0),
+                card=f"/models/{m.task}/card" if m.card_text is not None else None,
             )
             for m in self.catalog.models.values()
         ]
@@ -350,6 +353,24 @@ for _route in api.routes:
 async def models() -> Catalogue:
     """The tasks served, with their aliases, class names, input size and model metadata, and the limits."""
     return current().catalogue()
+
+
+@api.get(
+    "/models/{task}/card",
+    summary="The model card of a task's model",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CARD_MEDIA_TYPE: {}}}, 404: {"model": ErrorMessage}},
+)
+async def model_card(task: str) -> Response:
+    """What the served version is for and not for, its data, recipe, scores, calibration, prediction sets,
+    robustness and known confusions, as Markdown (the registry version's description is the same text)."""
+    try:
+        model = current().catalog.resolve(task)
+    except RequestError as err:
+        return json_response(ErrorMessage(error=str(err)), HTTPStatus.NOT_FOUND)
+    if model.card_text is None:
+        return json_response(ErrorMessage(error=model.card_problem), HTTPStatus.NOT_FOUND)
+    return Response(model.card_text, media_type=CARD_MEDIA_TYPE)
 
 
 @api.post(

@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "deploy": "deploy",
     "classical": "classical",
     "ensemble": "ensemble",
+    "robustness": "robustness",
     "study": "study",
 }
 

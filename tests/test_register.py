@@ -11,7 +11,8 @@ import torch
 
 from tests.helpers.runs import shrunk, store_with_synthetic_data
 from training.export.onnx import ExportError, ParityError, check_parity, export_onnx, export_run, load_logged_model
-from training.export.register import RegistrationError, candidate_runs, choose_best, register_best
+from training.export.register import RegistrationError, candidate_runs, choose_best, register_best, register_run
+from training.workflows import network
 from training.workflows.train import run_training
 
 pytestmark = pytest.mark.slow
@@ -122,7 +123,11 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir,
     assert version.tags["best_val_auc"] == "0.95" and version.tags["test_auc"] == "0.7"
     assert json.loads(version.tags["class_names"])[0] == "basophil"
     assert json.loads(version.tags["preprocessing"])["input_size"] == 28
-    assert "selected on validation" in version.description and "parity" in version.description
+    # The description is the model card: what it is for, the version, the command that trains it again.
+    card = version.description
+    assert "Not for diagnosis" in card and "version 1" in card and "ONNX parity vs PyTorch" in card
+    assert "mlflow run . -e train --env-manager local" in card and "-P dataset=bloodmnist" in card
+    assert "| train | " in card and "basophil" in card
 
     # The ONNX file: one self-contained graph with its metadata and a dynamic batch.
     local = mlflow.artifacts.download_artifacts("models:/medzoo-bloodmnist@champion")
@@ -172,6 +177,20 @@ def test_register_champion_gate_force_and_idempotence(store, synthetic_data_dir,
     assert str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version) == "2"
 
 
+def test_a_version_whose_card_cannot_be_built_never_becomes_champion(store, monkeypatch):
+    """A run trained before cards (simulated: its card says nothing of the data) registers, but even ``force``
+    does not crown it; the champion and its alias stay where they were."""
+    monkeypatch.setattr(network, "card_data", lambda dataset: {})
+    run_id = run_training(shrunk(model="cnn", epochs=1, model_kwargs={"filters": "8", "hidden": 8}, tta="none")).run_id
+    client = mlflow.MlflowClient()
+    champion = str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version)
+    result = register_run(mlflow.get_run(run_id), "bloodmnist", "best_val_auc", force=True)
+    assert result.created and not result.promoted
+    assert "champion not moved" in result.message and "data.splits.train" in result.message
+    assert str(client.get_model_version_by_alias("medzoo-bloodmnist", "champion").version) == champion
+    assert "No model card" in client.get_model_version("medzoo-bloodmnist", result.version).description
+
+
 REGISTER_ONE = """
 import sys, mlflow
 from training.export.register import register_run
@@ -192,11 +211,13 @@ def test_concurrent_registrations_add_one_version_per_run_and_crown_the_better(t
         client = mlflow.MlflowClient()
         runs = {}
         for label, score in (("better", 0.97), ("worse", 0.91)):
-            runs[label] = run_training(shrunk(epochs=1, tta="none"), progress=False).run_id
+            runs[label] = run_training(
+                shrunk(model="cnn", epochs=1, model_kwargs={"filters": "8", "hidden": 8}, tta="none"), progress=False
+            ).run_id
             client.log_metric(runs[label], "best_val_auc", score)
         env = project_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=uri)
-        # two processes per run, all at the same moment; the worse run's last
-        order = [runs["better"], runs["worse"], runs["better"], runs["worse"]]
+        # all at the same moment, the better run twice (one version for it), the worse run last
+        order = [runs["better"], runs["better"], runs["worse"]]
         workers = [
             subprocess.Popen(
                 [sys.executable, "-c", REGISTER_ONE, run_id],

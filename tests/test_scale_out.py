@@ -79,7 +79,7 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
     worker_dir.mkdir()
     sweep = [
         *(sys.executable, "-m", "training.cli", "sweep", "--model", "cnn", "--dataset", "breastmnist"),
-        *("--epochs", "1", "--batch-size", "32", "--model.hidden", "16", "--trials", "2"),
+        *("--epochs", "1", "--batch-size", "32", "--model.hidden", "16", "--trials", "1"),
         *("--space-file", str(space), "--study-name", "shared", "--no-progress"),
     ]
     env = project_env()
@@ -93,12 +93,12 @@ def test_two_sweep_workers_share_one_study_then_register_and_deploy_from_the_ser
         assert worker.returncode == 0, stderr[-3000:]
 
     study = optuna.load_study(study_name="shared", storage=on_stack.env["MEDZOO_OPTUNA_STORAGE"])
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == [0, 1]
     assert len({tuple(t.user_attrs["worker"]) for t in study.trials}) == 2  # both workers ran trials
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     (parent,) = [r for r in runs if r.info.run_name == "sweep-shared"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(int(r.data.tags["trial"]) for r in children) == [0, 1, 2, 3]
+    assert sorted(int(r.data.tags["trial"]) for r in children) == [0, 1]
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
 
     # Artifacts went to the server's store, and come back through it.

@@ -176,6 +176,30 @@ def test_answers_carry_a_conformal_set_at_the_level_asked_for(client, deployed):
     assert batch.status_code == 200 and batch.json()["results"][0]["coverage"] == 0.99
 
 
+def test_each_task_serves_its_versions_model_card(client, deployed):
+    tasks = {t["task"]: t for t in client.get("/models").json()["tasks"]}
+    assert tasks["bloodmnist"]["card"] == "/models/bloodmnist/card"
+    response = client.get("/models/blood/card")  # aliases work here too
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/markdown")
+    version = tasks["bloodmnist"]["model"]["version"]
+    text = response.text
+    assert f"Registered model `medzoo-bloodmnist`, version {version}" in text and "Not for diagnosis" in text
+    assert "| basophil |" in text and "-P dataset=bloodmnist" in text and "input `pixels`" in text
+    unknown = client.get("/models/lung/card")
+    assert unknown.status_code == 404 and "Unknown task 'lung'" in unknown.json()["error"]
+
+
+def test_a_version_exported_before_cards_has_none_and_says_what_to_do():
+    from serving.catalog import ServedModel
+
+    card = ModelCard("cnn", "bloodmnist", "multi-class", ("a", "b"), Preprocessing(28, 3, (0.5,) * 3, (0.5,) * 3))
+    old = ServedModel.__new__(ServedModel)  # no session needed to read its card
+    old.card = card.with_registry("medzoo-bloodmnist", "2")
+    assert old.card_text is None
+    assert "lacks metrics.best_val_acc" in old.card_problem and "train it again" in old.card_problem
+    assert "medzoo-bloodmnist v2" in old.card_problem
+
+
 def test_a_version_exported_without_conformal_sets_answers_without_them_and_says_why():
     from types import SimpleNamespace
 

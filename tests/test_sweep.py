@@ -126,7 +126,7 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
         "--batch-size",
         "32",
         "--trials",
-        "2",
+        "1",
         "--space-file",
         space_file,
         "--storage",
@@ -147,10 +147,10 @@ def test_two_workers_share_one_study(synthetic_env, mlflow_store, space_file, tm
         assert worker.returncode == 0, stderr[-3000:]
     study = optuna.load_study(study_name="shared", storage=storage)
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == 4 and sorted(numbers) == [0, 1, 2, 3]
+    assert sorted(numbers) == [0, 1]  # one trial each, numbered once
     (parent,) = [r for r in all_runs() if r.info.run_name == "sweep-shared"]
     children = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4
+    assert len(children) == 2
 
 
 @pytest.mark.parametrize(

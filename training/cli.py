@@ -2,7 +2,7 @@
 
     python -m training.cli train --model cnn --dataset breastmnist --epochs 5
     python -m training.cli COMMAND --help     # COMMAND: train, sweep, leaderboard, pipeline, register, export,
-                                              # classical, ensemble, study, runs, deploy
+                                              # classical, ensemble, robustness, study, runs, deploy
 
 Each sub-command's flags are generated from dataclasses: :class:`training.core.config.TrainConfig` for everything
 that trains, and the small option sets below. Training flags start from a named recipe (``--recipe``, default
@@ -40,6 +40,7 @@ from training.workflows.ensemble import EnsembleConfig, run_ensemble
 from training.workflows.leaderboard import LeaderboardOptions, run_leaderboard
 from training.workflows.leaderboard import to_markdown as leaderboard_markdown
 from training.workflows.pipeline import PipelineOptions, run_pipeline
+from training.workflows.robustness import RobustnessOptions, run_robustness
 from training.workflows.study.run import run_study
 from training.workflows.study.spec import StudyOptions
 from training.workflows.study.spec import describe as describe_study
@@ -285,6 +286,24 @@ def ensemble(args) -> str:
     )
 
 
+def robustness(args) -> str:
+
+    outcome = run_robustness(build(RobustnessOptions, args), progress=_progress(args))
+    s = outcome.summary
+    rows = [
+        f"  {name:<18} " + " ".join(f"{acc:.3f}" for acc in accuracies) for name, accuracies in outcome.scores.items()
+    ]
+    return "\n".join(
+        [
+            f"run {outcome.run_id}: balanced accuracy on {s['images']} test images, by severity 1-5",
+            f"  {'clean':<18} {s['clean_balanced_acc']:.3f}",
+            *rows,
+            f"corrupted (mean) {s['corrupted_balanced_acc']:.3f}, BE {s['be']:.3f}, rBE {s['rbe']:.3f}; "
+            f"worst: {s['worst_corruption']} ({s['worst_balanced_acc']:.3f})",
+        ]
+    )
+
+
 def deploy(args) -> str:
 
     options = build(DeployOptions, args)
@@ -390,6 +409,13 @@ COMMANDS = {
             ensemble,
             (EnsembleConfig,),
             run_name=lambda a: "ensemble",
+        ),
+        Command(
+            "robustness",
+            "balanced accuracy of a run or registered version on its dataset's MedMNIST-C corruptions",
+            robustness,
+            (RobustnessOptions,),
+            run_name=lambda a: "robustness",
         ),
         Command(
             "study",

@@ -79,6 +79,22 @@ class ImageDataset:
         return tuple(pixels.mean(dim=1).tolist()), tuple(std.tolist())
 
 
+def card_data(dataset: ImageDataset) -> dict:
+    """What a model card says of the data: the dataset's own description and license, the split sizes and the
+    training images per class."""
+    if dataset.name in TORCHVISION_DATASETS:
+        description, license_ = f"{TORCHVISION_DATASETS[dataset.name][0]} (torchvision), {dataset.origin}.", ""
+    else:
+        description, license_ = INFO[dataset.name]["description"], INFO[dataset.name]["license"]
+    counts = torch.bincount(dataset.train.labels.long().flatten(), minlength=dataset.num_classes).tolist()
+    return {
+        "description": description,
+        "license": license_,
+        "splits": {name: len(dataset.split(name)) for name in ("train", "val", "test")},
+        "class_counts": dict(zip(dataset.class_names, counts)),
+    }
+
+
 def list_datasets() -> list[str]:
     """Every 2-D single-label MedMNIST dataset, then MNIST and Fashion-MNIST."""
     medmnist_2d = [flag for flag, info in INFO.items() if not flag.endswith("3d") and info["task"] in SUPPORTED_TASKS]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from contract import metric_safe
+
 
 def medmnist_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Binary: AUC of the positive class. Otherwise: mean one-vs-rest AUC over classes.
@@ -45,6 +47,20 @@ def confusion(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> np.nda
     return confusion_matrix(y_true, probs.argmax(axis=1), labels=list(range(num_classes)))
 
 
-def metric_safe(name: str) -> str:
-    """MLflow metric names allow letters, digits and _-./ and spaces; class names like 'normal, benign' don't."""
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+def top_confusions(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], k: int = 3) -> list[dict]:
+    """The ``k`` most frequent (true, predicted) mistakes, with their share of the true class's images."""
+    matrix = confusion(y_true, probs, len(class_names))
+    per_class = matrix.sum(axis=1)
+    np.fill_diagonal(matrix, 0)
+    order = np.argsort(matrix, axis=None)[::-1][:k]
+    pairs = [np.unravel_index(i, matrix.shape) for i in order]
+    return [
+        {
+            "true": class_names[t],
+            "predicted": class_names[p],
+            "count": int(matrix[t, p]),
+            "share": float(matrix[t, p] / per_class[t]),
+        }
+        for t, p in pairs
+        if matrix[t, p] > 0
+    ]

@@ -101,5 +101,29 @@ def as_params(instance) -> dict[str, str]:
     return {f.name: to_text(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
 
 
+# Where a run happened, not what it learnt: a reproducing command leaves them to the machine it runs on.
+MACHINE_FIELDS = ("data_dir", "device", "checkpoint_every")
+
+
+def mlflow_command(entry: str, params: dict[str, str], defaults: dict[str, str], keep: tuple[str, ...] = ()) -> str:
+    """The ``mlflow run`` line of MLproject entry ``entry`` with every parameter that differs from ``defaults``
+    (and those in ``keep``), machine-specific ones left out."""
+    args = [
+        f"-P {shlex.quote(f'{name}={value}')}"
+        for name, value in params.items()
+        if name not in MACHINE_FIELDS and (name in keep or value != defaults.get(name))
+    ]
+    return " ".join([f"mlflow run . -e {entry} --env-manager local", *args])
+
+
+def reproduce_command(entry: str, instance, keep: tuple[str, ...] = ()) -> str:
+    """The command that runs ``instance`` (an options dataclass) again: the values it does not share with the
+    dataclass's defaults."""
+    defaults = {
+        f.name: to_text(f.default) for f in dataclasses.fields(instance) if f.default is not dataclasses.MISSING
+    }
+    return mlflow_command(entry, as_params(instance), defaults, keep)
+
+
 def help_of(cls, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)

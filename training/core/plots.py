@@ -182,3 +182,19 @@ def members_figure(names: list[str], weights, member_acc: dict, ensemble_acc: di
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def robustness_figure(scores: np.ndarray, corruptions: list[str], clean: float, title: str):
+    """Balanced accuracy per corruption (rows) and severity (columns), beside the clean score."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(corruptions) + 1.8))
+    image = ax.imshow(scores, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="balanced accuracy")
+    ax.set_xticks(range(scores.shape[1]), [str(s + 1) for s in range(scores.shape[1])])
+    ax.set_yticks(range(len(corruptions)), corruptions)
+    ax.set_xlabel("severity")
+    for i in range(scores.shape[0]):
+        for j in range(scores.shape[1]):
+            ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"{title}\nclean balanced accuracy {clean:.3f}")
+    fig.tight_layout()
+    return fig

@@ -16,7 +16,7 @@ import yaml
 
 from training.core.config import ConfigError, TrainConfig
 from training.core.data import DatasetError, dataset_info, list_datasets
-from training.core.options import NONE, parser_for, to_text
+from training.core.options import NONE, mlflow_command, parser_for, to_text
 from training.core.paths import CONFIGS_DIR
 
 RECIPES_FILE = CONFIGS_DIR / "recipes.yaml"
@@ -145,6 +145,13 @@ def config_from_recipe(recipe: str, **given) -> TrainConfig:
     elif "model_kwargs" in given:  # options given for the recipe's model refine its options
         given = {**given, "model_kwargs": {**values.get("model_kwargs", {}), **given["model_kwargs"]}}
     return TrainConfig(**{**values, **given, "recipe": recipe})
+
+
+def train_command(config: TrainConfig) -> str:
+    """The ``mlflow run`` line that trains ``config`` again: its recipe, model, dataset and seed, and every value
+    that differs from what that recipe gives the dataset."""
+    base = config_from_recipe(config.recipe, dataset=config.dataset, max_train_samples=config.max_train_samples)
+    return mlflow_command("train", config.to_params(), base.to_params(), keep=("recipe", "model", "dataset", "seed"))
 
 
 def markdown_table() -> str:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
-from training.export.onnx import INPUT_NAME, OUTPUT_NAME
+from contract import INPUT_NAME, OUTPUT_NAME
 
 FEATURES = "features"
 ML_DOMAIN = "ai.onnx.ml"

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from contract import METADATA_KEY, ModelCard
+from contract import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard
 from training.core.options import AUTO, option
 from training.tracking.records import MODEL_ARTIFACT, PARITY_ARTIFACT
 
@@ -31,8 +31,6 @@ ONNX_ARTIFACT = "onnx"
 PARITY_ATOL = 1e-4
 # The Python path's class probabilities on the parity images, logged by runs whose model is an ONNX graph.
 REFERENCE_ARTIFACT = "parity/reference_probabilities.npy"
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
 
 
 @dataclass

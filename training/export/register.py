@@ -5,13 +5,15 @@
 
 Only validation metrics choose: the best finished run by ``best_val_<metric>`` (ties: fewer parameters, then
 the earlier run). Its model is exported to ONNX and parity-checked before anything is written; the new
-version becomes ``champion`` only if it beats the current champion on the same metric (or with ``force``).
+version's description is its model card (``contract.card_markdown``). It becomes ``champion`` only if its card
+can be built and it beats the current champion on the same metric (or with ``force``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from filelock import FileLock
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from contract import CHAMPION_ALIAS, ModelCard, registered_model_name
+from contract import CHAMPION_ALIAS, METADATA_KEY, ROBUSTNESS_TAG, ModelCard, card_markdown, registered_model_name
 from training.core.config import RANKING_METRICS
 from training.core.data import DatasetError, check_dataset_name
 from training.core.options import option
@@ -125,10 +127,14 @@ def register_run(run: Run, dataset: str, key: str, force: bool) -> RegistrationR
         existing = _version_of_run(client, name, run_id)
         created = existing is None
         if created:
-            version = _register_new_version(client, name, run)
+            version, card = _register_new_version(client, name, run)
         else:
-            version = str(existing.version)
-        promoted, why = _gate_champion(client, name, version, key, score, force)
+            version, card = str(existing.version), _card_of_version(name, str(existing.version), run)
+        problem = _card_problem(card)
+        if problem:
+            promoted, why = False, f"{CHAMPION_ALIAS} not moved: {problem}"
+        else:
+            promoted, why = _gate_champion(client, name, version, key, score, force)
     verb = "registered as" if created else "already registered as"
     message = f"run {run_id} ({run.data.tags.get('model')}, {key} {score:.4f}) {verb} {name} v{version}; {why}"
     return RegistrationResult(name, str(version), run_id, key, score, promoted, created, message)
@@ -149,33 +155,48 @@ def _version_of_run(client, name: str, run_id: str):
     return next((v for v in versions if v.tags.get("source_run") == run_id), None)
 
 
-def _register_new_version(client, name: str, run: Run) -> str:
-    """Export and check first (no store change on failure), then register and describe."""
+def _register_new_version(client, name: str, run: Run) -> tuple[str, ModelCard | None]:
+    """Export and check first (no store change on failure), then register and describe with the model card."""
     result = export_run(run.info.run_id)
     # The run's metrics as they stand now (the card holds those of training time).
     card, parity = result.card.with_run(run.info.run_id, run.data.metrics), result.parity.describe()
-    version = mlflow.register_model(result.model_uri, name, tags=card.registry_tags(parity)).version
-    client.update_model_version(name, version, description=_description(card, parity))
-    return str(version)
+    tags = card.registry_tags(parity)
+    if ROBUSTNESS_TAG in run.data.tags:  # measured on the run before registering: the version keeps it
+        card = card.with_robustness(json.loads(run.data.tags[ROBUSTNESS_TAG]))
+        tags[ROBUSTNESS_TAG] = run.data.tags[ROBUSTNESS_TAG]
+    version = str(mlflow.register_model(result.model_uri, name, tags=tags).version)
+    card = card.with_registry(name, version)
+    client.update_model_version(name, version, description=describe_version(card, parity))
+    return version, card
 
 
-def _description(card: ModelCard, parity: str) -> str:
-    m, pre = card.metrics, card.preprocessing
-    nan = float("nan")
-    return "\n".join(
-        [
-            f"**{card.architecture}** trained on **{card.dataset}** (run `{card.source_run}`).",
-            "",
-            f"- validation: ACC {m.get('best_val_acc', nan):.4f}, AUC {m.get('best_val_auc', nan):.4f}"
-            " (selected on validation)",
-            f"- test: ACC {m.get('test_acc', nan):.4f}, AUC {m.get('test_auc', nan):.4f}"
-            " (evaluated once, after selection)",
-            f"- input: float32 [N, {pre.in_chans}, {pre.input_size}, {pre.input_size}] pixels in [0, 1] "
-            f"({pre.resize} resize); mean {list(pre.mean)} / std {list(pre.std)} applied inside the graph",
-            f"- classes: {', '.join(card.class_names)}",
-            f"- ONNX parity vs PyTorch: {parity}",
-        ]
-    )
+def _card_of_version(name: str, version: str, run: Run) -> ModelCard | None:
+    """The card a registered version's model carries (with its run's metrics as they stand now), or None when
+    it carries none."""
+    metadata = (mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {}).get(METADATA_KEY)
+    if not metadata:
+        return None
+    return ModelCard.from_dict(metadata).with_run(run.info.run_id, run.data.metrics).with_registry(name, version)
+
+
+def _card_problem(card: ModelCard | None) -> str:
+    """Why the version's model card cannot be built ("" when it can)."""
+    if card is None:
+        return "the version's model carries no MedZoo model card; train the run again and register the new one."
+    try:
+        card_markdown.render(card)
+    except card_markdown.CardError as err:
+        return str(err)
+    return ""
+
+
+def describe_version(card: ModelCard, parity: str) -> str:
+    """The version's description: its model card, or, when the card cannot be built, what is missing."""
+    try:
+        text = card_markdown.render(card)
+    except card_markdown.CardError as err:
+        return f"**{card.architecture}** trained on **{card.dataset}** (run `{card.source_run}`). No model card: {err}"
+    return f"{text}\nONNX parity vs PyTorch: {parity}.\n"
 
 
 def _gate_champion(client, name: str, version: str, key: str, score: float, force: bool) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ register/export step and the service never have to re-read the training data or 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -18,12 +19,14 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.models import infer_signature
 
-from contract import METADATA_KEY, ModelCard
+from contract import METADATA_KEY, ModelCard, card_markdown
 from training.core import plots
 from training.core.calibration import ECE_BINS, Calibration, tempered
 from training.core.data import ImageDataset
 from training.core.metrics import classification_metrics, confusion
 from training.core.plots import plt
+
+log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 # Validation images (uint8) logged beside the model, so export checks ONNX parity without the dataset file.
@@ -145,6 +148,19 @@ def _pip_requirements() -> list[str]:
     import importlib.metadata as md
 
     return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "mlflow", "numpy")]
+
+
+CARD_ARTIFACT = "model_card.md"
+
+
+def log_card(card: ModelCard) -> None:
+    """The model card as people read it (``model_card.md``); registering the run renders it again with the
+    registry version. A card that cannot be built is said in the log, not raised: the run's model is already
+    trained, and register refuses it with the same message."""
+    try:
+        mlflow.log_text(card_markdown.render(card), CARD_ARTIFACT)
+    except card_markdown.CardError as err:
+        log.warning("%s", err)
 
 
 def log_json(data: dict, path: str) -> None:

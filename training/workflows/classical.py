@@ -35,9 +35,10 @@ from sklearn.tree import DecisionTreeClassifier
 
 from contract import ModelCard, Preprocessing
 from training.core import plots
-from training.core.data import DatasetError, check_dataset_name, load_dataset
+from training.core.data import DatasetError, card_data, check_dataset_name, load_dataset
 from training.core.features import RAW, FeaturesError, RawPixels, extract, rebuild_network, without_classifier
-from training.core.options import AUTO, OptionError, option
+from training.core.metrics import top_confusions
+from training.core.options import AUTO, OptionError, option, reproduce_command
 from training.core.paths import CONFIGS_DIR, PROJECT_DIR
 from training.export import compose
 from training.export.onnx import ExportError, export_onnx, load_logged_model, log_graph_model
@@ -224,7 +225,11 @@ def run_classical(config: ClassicalConfig, nested: bool = False, tags: dict | No
             class_names=tuple(names),
             preprocessing=preprocessing,
             model_options={k: str(v) for k, v in best_params.items()},
+            command=reproduce_command("classical", config, keep=("dataset", "model", "features", "seed")),
+            data=card_data(dataset),
+            confusions=tuple(top_confusions(labels["test"], test_probs, names)),
         ).with_run(run.info.run_id, {**val_metrics, **test_metrics})
+        records.log_card(card)
         extractor_graph = export_onnx(extractor, dataset.size, dataset.channels, {}, output_name=compose.FEATURES)
         estimator_graph = compose.sklearn_graph(
             estimator, features["train"].shape[1], compose.opset_of(extractor_graph)

@@ -22,9 +22,10 @@ from scipy.optimize import minimize
 
 from contract import ModelCard, Preprocessing
 from training.core import plots
-from training.core.data import load_dataset
+from training.core.data import card_data, load_dataset
 from training.core.devices import to_input
-from training.core.options import AUTO, OptionError, option
+from training.core.metrics import top_confusions
+from training.core.options import AUTO, OptionError, mlflow_command, option
 from training.export import compose
 from training.export.onnx import export_run, log_graph_model, logged_model_info, onnx_probabilities
 from training.tracking import lifecycle, records
@@ -195,7 +196,15 @@ def log_ensemble(
         # Each member normalises inside its own part of the graph.
         preprocessing=Preprocessing(pre.input_size, pre.in_chans, (0.0,) * pre.in_chans, (1.0,) * pre.in_chans),
         model_options={"runs": ",".join(run_ids), "weights": ",".join(f"{w:.4f}" for w in weights)},
+        command=mlflow_command(
+            "ensemble",
+            {"runs": ",".join(run_ids), "weights": ",".join(f"{w:.4f}" for w in given) if given else AUTO},
+            {"weights": AUTO},
+        ),
+        data=card_data(dataset),
+        confusions=tuple(top_confusions(labels["test"], fused["test"], names)),
     ).with_run(run_id, {**val_metrics, **test_metrics})
+    records.log_card(card)
     proto = compose.average(graphs, weights, card.to_props())
     # The parity images are the first validation images, which every member has scored above.
     parity = records.PARITY_IMAGES

@@ -21,10 +21,12 @@ from contract import ModelCard, Preprocessing
 from training.core import distributed, plots
 from training.core.calibration import calibrate, check_validation, nll, tempered
 from training.core.config import ConfigError, ResolvedConfig, TrainConfig
-from training.core.data import ImageDataset, load_dataset
+from training.core.data import ImageDataset, card_data, load_dataset
 from training.core.distributed import World
 from training.core.engine import EpochResult, FitOptions, FitResult, fit, predict
+from training.core.metrics import top_confusions
 from training.core.options import NONE, to_text
+from training.core.recipes import train_command
 from training.tracking import lifecycle, records
 from training.tracking.checkpoint import RollingCheckpoint
 from training.tracking.resume import Resumption
@@ -232,7 +234,12 @@ def train_network(
             temperature=calibration.temperature,
             conformal=calibration.thresholds,
             conformal_images=calibration.conformal_images,
-        ).with_run(mlflow_run.info.run_id, {**val_metrics, **test_metrics, "n_params": n_params})
+            recipe=config.recipe,
+            command=train_command(config),
+            data=card_data(dataset),
+            confusions=tuple(top_confusions(labels["test"], test_probs, dataset.class_names)),
+        ).with_run(mlflow_run.info.run_id, {**calibration.metrics, **val_metrics, **test_metrics, "n_params": n_params})
+        records.log_card(card)
         model_info = records.log_model(model.cpu(), dataset.val.images[: records.PARITY_IMAGES], card)
         return TrainOutcome(mlflow_run.info.run_id, fit_result, val_metrics, test_metrics, model_info.model_uri)
 
