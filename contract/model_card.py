@@ -81,6 +81,8 @@ class ModelCard:
     # probabilities; empty for a model exported without them. ``conformal_images``: how many calibrated them.
     conformal: dict[str, float] = field(default_factory=dict)
     conformal_images: int = 0
+    # The RAPS penalty of those thresholds (contract.conformal.Penalty as a dict; empty: APS).
+    conformal_penalty: dict = field(default_factory=dict)
     # How it was made: the recipe and the one command that trains it again.
     recipe: str = ""
     command: str = ""
@@ -127,6 +129,7 @@ class ModelCard:
             temperature=float(data.get("temperature", 1.0)),
             conformal={str(k): float(v) for k, v in (data.get("conformal") or {}).items()},
             conformal_images=int(data.get("conformal_images", 0)),
+            conformal_penalty=dict(data.get("conformal_penalty") or {}),
             recipe=data.get("recipe", ""),
             command=data.get("command", ""),
             data=dict(data.get("data") or {}),
@@ -159,6 +162,7 @@ class ModelCard:
             "temperature": repr(self.temperature),
             "conformal": json.dumps(self.conformal, sort_keys=True),
             "conformal_images": str(self.conformal_images),
+            "conformal_penalty": json.dumps(self.conformal_penalty, sort_keys=True),
             "recipe": self.recipe,
             "command": self.command,
             "data": json.dumps(self.data, sort_keys=True),
@@ -194,6 +198,7 @@ class ModelCard:
             temperature=float(props.get("temperature") or 1.0),
             conformal={str(k): float(v) for k, v in json.loads(props.get("conformal") or "{}").items()},
             conformal_images=int(props.get("conformal_images") or 0),
+            conformal_penalty=json.loads(props.get("conformal_penalty") or "{}"),
             recipe=props.get("recipe", ""),
             command=props.get("command", ""),
             data=json.loads(props.get("data") or "{}"),

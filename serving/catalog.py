@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 import onnxruntime as ort
 
-from contract import ModelCard, card_markdown
+from contract import ModelCard, card_markdown, conformal
 from serving.batching import MicroBatcher
 from serving.preprocessing import RequestError
 from serving.schemas import ModelInfo
@@ -41,6 +41,7 @@ class ServedModel:
         self.spec = self.card.preprocessing
         self.input_name = self.session.get_inputs()[0].name
         self.batcher = MicroBatcher(self.logits)
+        self.penalty = conformal.Penalty.from_dict(self.card.conformal_penalty)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]

@@ -137,7 +137,7 @@ def prediction(model: ServedModel, logits: np.ndarray, level: str | None = None)
     ranked = sorted(zip(names, probs.tolist()), key=lambda pair: -pair[1])
     plausible = None
     if level is not None:
-        [members] = conformal.prediction_sets(probs[None], model.card.conformal[level])
+        [members] = conformal.prediction_sets(probs[None], model.card.conformal[level], model.penalty)
         plausible = [names[i] for i in members]
     return Prediction(
         task=model.task,

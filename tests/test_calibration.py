@@ -54,14 +54,39 @@ def test_conformal_sets_cover_at_least_the_level_on_new_images_and_grow_with_it(
         sizes.append(size)
     assert sizes == sorted(sizes) and sizes[0] < 5
     # too few calibration images to promise 99%: the threshold takes every class
-    assert conformal.threshold(cal_probs[:50], cal_labels[:50], 0.99) == float("inf")
-    assert conformal.prediction_sets(test_probs[:3], float("inf")) == [
+    assert conformal.threshold(cal_probs[:50], cal_labels[:50], 0.99) == conformal.every_class(5) == 1.0
+    assert conformal.prediction_sets(test_probs[:3], 1.0) == [
         sorted(range(5), key=lambda c: -p[c]) for p in test_probs[:3]
     ]
     # the top class is always in, even below every threshold
     assert all(
         len(s) >= 1 and s[0] == int(p.argmax()) for s, p in zip(conformal.prediction_sets(test_probs, 0.0), test_probs)
     )
+
+
+def confident(n: int, seed: int, classes: int = 11):
+    """A sharp and calibrated model: the labels are drawn from its own probabilities."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * 6
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return probs, np.array([rng.choice(classes, p=p) for p in probs])
+
+
+def test_raps_keeps_the_coverage_with_far_smaller_sets_than_aps_on_a_confident_model():
+    tune, cal, test = confident(1000, 1), confident(2000, 2), confident(4000, 3)
+    penalty = conformal.choose_penalty(*tune)
+    assert penalty.weight in conformal.PENALTIES and penalty.weight > 0 and 1 <= penalty.free_ranks <= 11
+    results = {}
+    for name, chosen in (("aps", conformal.APS), ("raps", penalty)):
+        threshold = conformal.threshold(*cal, 0.9, chosen)
+        results[name] = conformal.coverage_and_size(*test, threshold, chosen)
+        assert results[name][0] >= 0.9 - 0.015, (name, results[name])
+    assert results["raps"][1] < 0.7 * results["aps"][1], results
+    # a zero penalty is APS, and the penalty survives the card's encoding
+    assert conformal.scores(*cal, conformal.Penalty(0.0, 3)).tolist() == conformal.scores(*cal).tolist()
+    assert conformal.Penalty.from_dict(penalty.to_dict()) == penalty
+    assert conformal.Penalty.from_dict({}) == conformal.APS
 
 
 def test_validation_is_cut_in_two_disjoint_stratified_halves_and_too_little_is_named():

@@ -36,6 +36,17 @@ def test_corruptions_keep_shape_and_dtype_repeat_with_the_seed_and_grow_with_the
     assert darker.shape == colour.shape and darker.mean() < 0.7 * colour.mean()
 
 
+@pytest.mark.parametrize("dataset, channels", [("organamnist", 1), ("bloodmnist", 3), ("breastmnist", 1)])
+def test_every_corruption_of_the_three_datasets_runs_on_our_library_versions(dataset, channels):
+    """medmnistc pins older numpy-era libraries; each of its corruptions must run on ours (motion blur needs the
+    module's shim) and change the image."""
+    images = np.repeat(grey_images(2), channels, axis=1)
+    for name, corruption in corruptions.corruptions_of(dataset).items():
+        damaged = corruptions.corrupt(images, corruption, 5, seed=0)
+        assert damaged.shape == images.shape and damaged.dtype == np.uint8, name
+        assert not np.array_equal(damaged, images), name
+
+
 def test_unknown_datasets_corruptions_and_severities_name_what_exists():
     with pytest.raises(CorruptionError, match="no corruptions for 'mnist'.*breastmnist"):
         corruptions.corruptions_of("mnist")

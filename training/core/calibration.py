@@ -2,8 +2,10 @@
 shared with the conformal sets.
 
 After selection the validation split is cut once, stratified and seeded, in two halves: the temperature is fitted
-on one (:data:`TEMPERATURE_HALF`), the conformal thresholds are calibrated on the other with the tempered
-probabilities, so neither the temperature nor the sets are fitted on the images that calibrate the sets. Selection
+on one (:data:`TEMPERATURE_HALF`), the conformal sets are calibrated on the other with the tempered
+probabilities, so neither the temperature nor the sets are fitted on the images that calibrate the sets. Within
+the conformal half, 30% tune the RAPS penalty and 70% set the thresholds (when the half is large enough to spare
+the 30%; otherwise plain APS on all of it). Selection
 already used all of validation; the test split is read once, after all of this, and proves the choice.
 The temperature is one scalar, fitted on the log-probabilities of the very graph that is served (test-time views
 included) by LBFGS on the negative log-likelihood; ECE is torchmetrics' ``MulticlassCalibrationError`` (15
@@ -32,6 +34,8 @@ class CalibrationError(ValueError):
 
 
 MIN_VALIDATION = 4  # two per half
+# Of the conformal half, this share tunes the RAPS penalty when it holds at least MIN_TUNING images.
+TUNING_SHARE, MIN_TUNING = 0.3, 100
 
 
 def check_validation(method: str, images: int) -> None:
@@ -97,9 +101,19 @@ class Calibration:
     of its probabilities, and the metrics that prove both (``metrics``, MLflow names)."""
 
     temperature: float
-    thresholds: dict[str, float]  # coverage level key ("0.90") -> APS threshold (1.0: every class)
+    thresholds: dict[str, float]  # coverage level key ("0.90") -> RAPS threshold
     conformal_images: int
     metrics: dict[str, float]
+    penalty: conformal.Penalty = conformal.APS
+
+
+def conformal_parts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The conformal half's images that tune the RAPS penalty, and those that set the thresholds (positions in
+    ``labels``): disjoint, stratified; no tuning part (plain APS on all) when the half is too small to spare one."""
+    if len(labels) < MIN_TUNING / TUNING_SHARE:
+        return np.array([], dtype=int), np.arange(len(labels))
+    tune = stratified_indices(torch.as_tensor(labels), int(len(labels) * TUNING_SHARE), SPLIT_SEED + 1).numpy()
+    return tune, np.setdiff1d(np.arange(len(labels)), tune)
 
 
 def calibrate(
@@ -124,13 +138,20 @@ def calibrate(
         before, after = calibration_metrics(probs, labels), calibration_metrics(tempered(probs, temperature), labels)
         metrics.update({f"{split}_{k}_uncalibrated": v for k, v in before.items()})
         metrics.update({f"{split}_{k}": v for k, v in after.items()})
-    calibration_probs = tempered(val_probs[conformal_on], temperature)
+    calibration_probs, calibration_labels = tempered(val_probs[conformal_on], temperature), val_labels[conformal_on]
+    tune, threshold_on = conformal_parts(calibration_labels)
+    penalty = (
+        conformal.choose_penalty(calibration_probs[tune], calibration_labels[tune]) if len(tune) else conformal.APS
+    )
+    metrics.update(conformal_penalty=penalty.weight, conformal_free_ranks=penalty.free_ranks)
     served_test = tempered(test_probs, temperature)
     thresholds = {}
     for level in conformal.COVERAGE_LEVELS:
         key = conformal.level_key(level)
-        thresholds[key] = min(1.0, conformal.threshold(calibration_probs, val_labels[conformal_on], level))
-        coverage, size = conformal.coverage_and_size(served_test, test_labels, thresholds[key])
+        thresholds[key] = conformal.threshold(
+            calibration_probs[threshold_on], calibration_labels[threshold_on], level, penalty
+        )
+        coverage, size = conformal.coverage_and_size(served_test, test_labels, thresholds[key], penalty)
         percent = round(level * 100)
         metrics.update({f"test_coverage_{percent}": coverage, f"test_set_size_{percent}": size})
-    return Calibration(temperature, thresholds, len(conformal_on), metrics)
+    return Calibration(temperature, thresholds, len(threshold_on), metrics, penalty)

@@ -1,9 +1,10 @@
 """The MedMNIST-C corruptions (Di Salvo et al. 2024) of a dataset, applied to images at the model's input size.
 
 The corruptions, their five severities per dataset and the AlexNet baselines are the ``medmnistc`` package's,
-imported, not copied. It pins ``medmnist==3.0.1`` and ``scikit-image==0.23.2``, older than ours; it runs unchanged
-on ours, so it is installed without its pins (``requirements-nodeps.txt``, ``pip install --no-deps``) and its real
-needs (OpenCV, Wand with ImageMagick's library) are pinned in ``requirements.txt``.
+imported, not copied. It pins ``medmnist==3.0.1`` and ``scikit-image==0.23.2``, older than ours; it runs on ours
+(with one shim, below, for NumPy 2.3), so it is installed without its pins (``requirements-nodeps.txt``,
+``pip install --no-deps``) and its real needs (OpenCV, Wand with ImageMagick's library) are pinned in
+``requirements.txt``.
 
 Its severities were set for 224 px images. Each image is therefore resized to 224 px (bilinear), corrupted, and
 resized back to the model's size by area averaging (box filter): a corrupted scan seen at the resolution the model
@@ -12,6 +13,8 @@ so each pixel gets the noise the package gives one channel of a colour image.
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 from PIL import Image
@@ -24,11 +27,34 @@ class CorruptionError(ValueError):
     """A dataset or corruption MedMNIST-C does not define; the message lists what it does."""
 
 
+class _NumpyWithBinaryFromstring(types.ModuleType):
+    """numpy, whose ``fromstring`` reads bytes as ``frombuffer`` does (a copy). medmnistc 0.1.0's motion blur
+    decodes ImageMagick's output with ``np.fromstring(blob, np.uint8)``, whose binary mode NumPy 2.3 removed;
+    only that module sees this numpy."""
+
+    def __init__(self):
+        super().__init__("numpy")
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def fromstring(data, dtype=float, *args, **kwargs):
+        return (
+            np.frombuffer(data, dtype).copy()
+            if isinstance(data, bytes)
+            else np.fromstring(data, dtype, *args, **kwargs)
+        )
+
+
 def _registry():
     # Imported here: the package pulls OpenCV, scikit-image and ImageMagick in (seconds), needed by this only.
     try:
+        from medmnistc.corruptions import filter as filters
         from medmnistc.corruptions.registry import CORRUPTIONS_DS
         from medmnistc.utils.baselines import BASELINES
+
+        filters.np = _NumpyWithBinaryFromstring()
     except ImportError as err:
         raise CorruptionError(
             f"the MedMNIST-C corruptions need the medmnistc package and ImageMagick ({err}); run `make setup` "

@@ -105,6 +105,7 @@ def log_calibration(calibration: Calibration, probs: dict, labels: dict, title: 
         {
             "temperature": calibration.temperature,
             "conformal_thresholds": calibration.thresholds,
+            "conformal_penalty": calibration.penalty.to_dict(),
             "conformal_images": calibration.conformal_images,
         },
         "calibration.json",

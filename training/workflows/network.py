@@ -234,6 +234,7 @@ def train_network(
             temperature=calibration.temperature,
             conformal=calibration.thresholds,
             conformal_images=calibration.conformal_images,
+            conformal_penalty=calibration.penalty.to_dict(),
             recipe=config.recipe,
             command=train_command(config),
             data=card_data(dataset),
