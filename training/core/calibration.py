@@ -3,7 +3,8 @@ shared with the conformal sets.
 
 After selection the validation split is cut once, stratified and seeded, in two halves: the temperature is fitted
 on one (:data:`TEMPERATURE_HALF`), the conformal sets are calibrated on the other with the tempered
-probabilities, so neither the temperature nor the sets are fitted on the images that calibrate the sets. Within
+probabilities, so neither the temperature nor the sets are fitted on the images that calibrate the sets. The
+temperature is kept only if it lowers the NLL of the conformal half too (else 1: small validation splits). Within
 the conformal half, 30% tune the RAPS penalty and 70% set the thresholds (when the half is large enough to spare
 the 30%; otherwise plain APS on all of it). Selection
 already used all of validation; the test split is read once, after all of this, and proves the choice.
@@ -129,8 +130,12 @@ def calibrate(
         return Calibration(1.0, {}, 0, {})
     halves = validation_halves(val_labels)
     fit_on, conformal_on = halves[TEMPERATURE_HALF], halves[CONFORMAL_HALF]
-    temperature = fit_temperature(val_probs[fit_on], val_labels[fit_on]) if method == "temperature" else 1.0
-    metrics = {"temperature": temperature}
+    fitted = fit_temperature(val_probs[fit_on], val_labels[fit_on]) if method == "temperature" else 1.0
+    held_out = val_probs[conformal_on], val_labels[conformal_on]
+    # Kept only when it also lowers the NLL of the other half: fitted on a few dozen images (BreastMNIST's 39) a
+    # temperature can fit their noise and make the model worse calibrated than it was.
+    temperature = fitted if nll(tempered(held_out[0], fitted), held_out[1]) < nll(*held_out) else 1.0
+    metrics = {"temperature": temperature, "temperature_fitted": fitted}
     for split, probs, labels in (
         ("val", val_probs[conformal_on], val_labels[conformal_on]),
         ("test", test_probs, test_labels),
