@@ -107,6 +107,15 @@ class Calibration:
     metrics: dict[str, float]
     penalty: conformal.Penalty = conformal.APS
 
+    def card_fields(self) -> dict:
+        """What the model card keeps of it (``contract.ModelCard`` fields)."""
+        return {
+            "temperature": self.temperature,
+            "conformal": self.thresholds,
+            "conformal_images": self.conformal_images,
+            "conformal_penalty": self.penalty.to_dict(),
+        }
+
 
 def conformal_parts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The conformal half's images that tune the RAPS penalty, and those that set the thresholds (positions in

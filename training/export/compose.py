@@ -41,8 +41,26 @@ def sklearn_graph(estimator, n_features: int, opset: int) -> onnx.ModelProto:
     return proto
 
 
-def chain(extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """``pixels`` -> extractor -> ``features`` -> classifier -> probabilities -> ``logits`` (log-probabilities)."""
+def _log_output(probabilities: str, temperature: float) -> tuple[list, list]:
+    """Nodes and initialisers from ``probabilities`` to ``logits``: their floored logarithm, divided by the
+    calibration temperature when there is one (so the softmax of the output is the calibrated probability)."""
+    initializers = [helper.make_tensor("probability_floor", TensorProto.FLOAT, [], [PROBABILITY_FLOOR])]
+    log_name = OUTPUT_NAME if temperature == 1.0 else "log_probabilities"
+    nodes = [
+        helper.make_node("Max", [probabilities, "probability_floor"], ["floored_probabilities"]),
+        helper.make_node("Log", ["floored_probabilities"], [log_name]),
+    ]
+    if temperature != 1.0:
+        initializers.append(helper.make_tensor("temperature", TensorProto.FLOAT, [], [float(temperature)]))
+        nodes.append(helper.make_node("Div", [log_name, "temperature"], [OUTPUT_NAME]))
+    return nodes, initializers
+
+
+def chain(
+    extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dict[str, str], temperature: float = 1.0
+) -> onnx.ModelProto:
+    """``pixels`` -> extractor -> ``features`` -> classifier -> probabilities -> ``logits`` (log-probabilities,
+    divided by ``temperature``)."""
     # skl2onnx writes the lowest opset its operators need; merging needs the extractor's.
     classifier = onnx.version_converter.convert_version(classifier, opset_of(extractor))
     classifier = onnx.compose.add_prefix(classifier, "classifier/")
@@ -51,15 +69,9 @@ def chain(extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dic
         extractor, classifier, io_map=[(FEATURES, f"classifier/{FEATURES}")], doc_string="MedZoo features + estimator"
     )
     graph = merged.graph
-    probabilities = graph.output[0].name
-    floor = helper.make_tensor("probability_floor", TensorProto.FLOAT, [], [PROBABILITY_FLOOR])
-    graph.initializer.append(floor)
-    graph.node.extend(
-        [
-            helper.make_node("Max", [probabilities, "probability_floor"], ["floored_probabilities"]),
-            helper.make_node("Log", ["floored_probabilities"], [OUTPUT_NAME]),
-        ]
-    )
+    nodes, initializers = _log_output(graph.output[0].name, temperature)
+    graph.initializer.extend(initializers)
+    graph.node.extend(nodes)
     n_classes = graph.output[0].type.tensor_type.shape.dim[1]
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_classes.dim_value]))
@@ -68,8 +80,10 @@ def chain(extractor: onnx.ModelProto, classifier: onnx.ModelProto, metadata: dic
     return merged
 
 
-def average(members: list[onnx.ModelProto], weights: list[float], metadata: dict[str, str]) -> onnx.ModelProto:
-    """One graph that feeds ``pixels`` to every member and outputs log(sum_i w_i softmax(member_i(pixels)))."""
+def average(
+    members: list[onnx.ModelProto], weights: list[float], metadata: dict[str, str], temperature: float = 1.0
+) -> onnx.ModelProto:
+    """One graph that feeds ``pixels`` to every member and outputs log(sum_i w_i softmax(member_i(pixels))) / T."""
     opsets: dict[str, int] = {}
     for member in members:
         for entry in member.opset_import:
@@ -93,14 +107,9 @@ def average(members: list[onnx.ModelProto], weights: list[float], metadata: dict
             ]
         )
         fused.append(f"{prefix}weighted")
-    initializers.append(helper.make_tensor("probability_floor", TensorProto.FLOAT, [], [PROBABILITY_FLOOR]))
-    nodes.extend(
-        [
-            helper.make_node("Sum", fused, ["probabilities"]),
-            helper.make_node("Max", ["probabilities", "probability_floor"], ["floored_probabilities"]),
-            helper.make_node("Log", ["floored_probabilities"], [OUTPUT_NAME]),
-        ]
-    )
+    log_nodes, log_initializers = _log_output("probabilities", temperature)
+    initializers.extend(log_initializers)
+    nodes.extend([helper.make_node("Sum", fused, ["probabilities"]), *log_nodes])
     first = members[0].graph
     n_classes = first.output[0].type.tensor_type.shape.dim[1].dim_value
     graph = helper.make_graph(

@@ -35,6 +35,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from contract import ModelCard, Preprocessing
 from training.core import plots
+from training.core.calibration import calibrate, tempered
 from training.core.data import DatasetError, card_data, check_dataset_name, load_dataset
 from training.core.features import RAW, FeaturesError, RawPixels, extract, rebuild_network, without_classifier
 from training.core.metrics import top_confusions
@@ -213,6 +214,10 @@ def run_classical(config: ClassicalConfig, nested: bool = False, tags: dict | No
         test_probs = estimator.predict_proba(features["test"])
         names = dataset.class_names
         title = f"{config.model} on {source} features, {dataset.name}"
+        # Calibrated like a network: an SVM's Platt probabilities or a forest's votes are rarely what they say.
+        calibration = calibrate("temperature", val_probs, labels["val"], test_probs, labels["test"])
+        records.log_calibration(calibration, {"val": val_probs, "test": test_probs}, labels, title)
+        val_probs, test_probs = (tempered(p, calibration.temperature) for p in (val_probs, test_probs))
         val_metrics, test_metrics = records.log_final_scores(
             labels, {"val": val_probs, "test": test_probs}, names, title, {"cv_acc": float(search.best_score_)}
         )
@@ -228,15 +233,16 @@ def run_classical(config: ClassicalConfig, nested: bool = False, tags: dict | No
             command=reproduce_command("classical", config, keep=("dataset", "model", "features", "seed")),
             data=card_data(dataset),
             confusions=tuple(top_confusions(labels["test"], test_probs, names)),
-        ).with_run(run.info.run_id, {**val_metrics, **test_metrics})
+            **calibration.card_fields(),
+        ).with_run(run.info.run_id, {**calibration.metrics, **val_metrics, **test_metrics})
         records.log_card(card)
         extractor_graph = export_onnx(extractor, dataset.size, dataset.channels, {}, output_name=compose.FEATURES)
         estimator_graph = compose.sklearn_graph(
             estimator, features["train"].shape[1], compose.opset_of(extractor_graph)
         )
-        proto = compose.chain(extractor_graph, estimator_graph, card.to_props())
+        proto = compose.chain(extractor_graph, estimator_graph, card.to_props(), calibration.temperature)
         images = dataset.val.images[: records.PARITY_IMAGES]
-        python_path = estimator.predict_proba(extract(extractor, images))
+        python_path = tempered(estimator.predict_proba(extract(extractor, images)), calibration.temperature)
         parity = log_graph_model(proto, card, images, python_path)
         mlflow.log_metric("wall_time", time.perf_counter() - started)
         return ClassicalOutcome(run.info.run_id, best_params, val_metrics, test_metrics, parity.max_abs_diff)

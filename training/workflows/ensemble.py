@@ -22,6 +22,7 @@ from scipy.optimize import minimize
 
 from contract import ModelCard, Preprocessing
 from training.core import plots
+from training.core.calibration import calibrate, tempered
 from training.core.data import card_data, load_dataset
 from training.core.devices import to_input
 from training.core.metrics import top_confusions
@@ -176,6 +177,10 @@ def log_ensemble(
     }
     per_member = {f"member{i}_{split}_acc": acc[i] for split, acc in member_acc.items() for i in range(len(members))}
     title = f"ensemble of {len(members)} on {dataset_name}"
+    # The combined output is calibrated like a network's (its members were, each on its own).
+    calibration = calibrate("temperature", fused["val"], labels["val"], fused["test"], labels["test"])
+    records.log_calibration(calibration, fused, labels, title)
+    fused = {split: tempered(probs, calibration.temperature) for split, probs in fused.items()}
     val_metrics, test_metrics = records.log_final_scores(labels, fused, names, title, per_member)
     records.log_figure(
         plots.members_figure(
@@ -203,9 +208,10 @@ def log_ensemble(
         ),
         data=card_data(dataset),
         confusions=tuple(top_confusions(labels["test"], fused["test"], names)),
-    ).with_run(run_id, {**val_metrics, **test_metrics})
+        **calibration.card_fields(),
+    ).with_run(run_id, {**calibration.metrics, **val_metrics, **test_metrics})
     records.log_card(card)
-    proto = compose.average(graphs, weights, card.to_props())
+    proto = compose.average(graphs, weights, card.to_props(), calibration.temperature)
     # The parity images are the first validation images, which every member has scored above.
     parity = records.PARITY_IMAGES
     log_graph_model(proto, card, dataset.val.images[:parity], fused["val"][:parity])
