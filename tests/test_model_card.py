@@ -86,7 +86,10 @@ def test_the_markdown_card_says_use_data_recipe_scores_calibration_sets_confusio
     assert "| 0.8750 | 0.9300 | 0.8125 | 0.9100 |" in text
     assert "| malignant, invasive | 0.6750 |" in text
     assert "temperature of 1.500" in text and "| test | 0.0610 | 0.0120 | 0.4500 | 0.3100 |" in text
-    assert "calibrated on 39 validation images" in text and "| 0.90 | 0.9120 | 1.21 |" in text
+    assert "adaptive prediction sets (APS), calibrated on\n39 validation images" in text
+    assert "| 0.90 | 0.9120 | 1.21 |" in text
+    raps = card_markdown.render(full_card(conformal_penalty={"weight": 0.02, "free_ranks": 2}))
+    assert "(RAPS, penalty 0.02 past rank 2)" in raps
     assert "| malignant, invasive | benign | 13 | 30.9% |" in text
     assert "2.7x the training images of the rarest" in text and "recall\n  is lowest on malignant, invasive" in text
     assert "robustness --model medzoo-breastmnist@champion" in text  # not measured yet: how to measure it
