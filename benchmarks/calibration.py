@@ -18,9 +18,8 @@ import json
 import os
 
 import numpy as np
-
-from benchmarks.common import ROOT, real_data_dir, write_section
-from benchmarks.robustness import DATASETS, STORE, TRACKING_URI, quick_runs
+from common import ROOT, real_data_dir, write_section
+from robustness import DATASETS, STORE, TRACKING_URI, quick_runs
 
 RESULTS_FILE = ROOT / "benchmarks" / "calibration_results.jsonl"
 LEVELS = (90, 95, 99)
@@ -79,13 +78,14 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     args = parser.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI
-    assert STORE.exists(), f"run benchmarks/accuracy.py first: no store in {STORE}"
     done = {}
     if RESULTS_FILE.exists():
         done = {r["run_id"]: r for r in map(json.loads, RESULTS_FILE.read_text().splitlines())}
     for (dataset, seed), run_id in sorted(quick_runs(args.datasets.split(",")).items()):
         if run_id in done:
             continue
+        if not STORE.exists():
+            raise SystemExit(f"run benchmarks/accuracy.py first: no store in {STORE}")
         print(f"== {dataset} seed {seed}: run {run_id}", flush=True)
         probs = raw_probabilities(run_id)
         from training.core.calibration import calibration_metrics

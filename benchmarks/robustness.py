@@ -19,8 +19,7 @@ import sys
 import time
 
 import numpy as np
-
-from benchmarks.common import ROOT, real_data_dir, write_section
+from common import ROOT, real_data_dir, write_section
 
 ACCURACY_RESULTS = ROOT / "benchmarks" / "accuracy_results.jsonl"
 RESULTS_FILE = ROOT / "benchmarks" / "robustness_results.jsonl"
