@@ -129,3 +129,46 @@ def test_a_registered_version_is_evaluated_logged_and_its_card_gains_the_summary
     assert json.loads(version.tags[ROBUSTNESS_TAG])["run_id"] == outcome.run_id
     assert f"Measured by run `{outcome.run_id}`" in version.description
     assert "## Robustness (MedMNIST-C corruptions)" in version.description
+
+
+def test_the_corrupted_copy_changes_every_image_once_and_repeats_with_the_seed():
+    images = np.repeat(grey_images(12), 3, axis=1)
+    copy = corruptions.corrupted_copy(images, "bloodmnist", seed=1)
+    assert copy.shape == images.shape and copy.dtype == np.uint8
+    assert all(not np.array_equal(a, b) for a, b in zip(copy, images))
+    assert np.array_equal(copy, corruptions.corrupted_copy(images, "bloodmnist", seed=1))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"corruption_augment": 1.5}, r"corruption_augment=1.5 must be in \[0, 1\]"),
+        ({"corruption_augment": 0.5, "dataset": "mnist"}, "MedMNIST-C defines no corruptions for 'mnist'"),
+    ],
+)
+def test_bad_corruption_augment_values_fail_before_training(values, message):
+    from training.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        shrunk(**values).validate()
+
+
+@pytest.mark.slow
+def test_corruption_augment_trains_on_the_corrupted_copy(synthetic_env):
+    """Same seed, same batches: only the images drawn from the corrupted copy differ, so the weights do."""
+    import torch
+
+    from training.core.config import resolve
+    from training.workflows.network import build_model, fit_options, load
+
+    weights = []
+    for share in (0.0, 1.0):
+        run = resolve(shrunk(dataset="breastmnist", epochs=1, corruption_augment=share, ema=0.0))
+        dataset = load(run)
+        assert (dataset.train.corrupted is not None) == (share > 0)
+        model, _ = build_model(run.config, dataset)
+        from training.core.engine import fit
+
+        fit(model, dataset.train, dataset.val, dataset.class_names, fit_options(run, model), progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(weights[0], weights[1])

@@ -56,6 +56,11 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the targets")
     mixup: float = option(0.0, "MixUp alpha (0: off)")
     cutmix: float = option(0.0, "CutMix alpha (0: off)")
+    corruption_augment: float = option(
+        0.0,
+        "share of each batch replaced by a MedMNIST-C corrupted copy of the same images (one random corruption of "
+        "the dataset and severity per image, made once before training; 0: off)",
+    )
     ema: float = option(
         0.0, "decay of an exponential moving average of the weights, selected on validation too (0: off)"
     )
@@ -145,6 +150,15 @@ class TrainConfig:
             raise ConfigError(f"freeze={self.freeze!r} needs pretrained weights (pretrained=true or a weights file).")
         for name in ("label_smoothing", "mixup", "cutmix", "clip_grad", "warmup_epochs"):
             _at_least(name, getattr(self, name), 0)
+        if not 0 <= self.corruption_augment <= 1:
+            raise ConfigError(f"corruption_augment={self.corruption_augment!r} must be in [0, 1] (a share of images).")
+        if self.corruption_augment > 0:
+            from training.core.corruptions import CorruptionError, corruptions_of  # imports medmnistc: seconds
+
+            try:
+                corruptions_of(self.dataset)
+            except CorruptionError as err:
+                raise ConfigError(f"corruption_augment={self.corruption_augment}: {err}") from None
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema={self.ema!r} must be in [0, 1) (a decay such as 0.999; 0 turns it off).")
         if not self.label_smoothing < 1:

@@ -14,6 +14,7 @@ so each pixel gets the noise the package gives one channel of a colour image.
 
 from __future__ import annotations
 
+import random
 import types
 
 import numpy as np
@@ -85,15 +86,33 @@ def alexnet_baseline(dataset: str) -> dict | None:
     return _registry()[1].get(dataset)
 
 
+def corrupted_copy(images: np.ndarray, dataset: str, seed: int) -> np.ndarray:
+    """``images`` each corrupted once by one of ``dataset``'s corruptions at one severity, both drawn at random
+    (seeded): what ``corruption_augment`` trains on."""
+    chosen = corruptions_of(dataset)
+    rng = np.random.default_rng(seed)
+    names = rng.integers(len(chosen), size=len(images))
+    severities = rng.integers(1, SEVERITIES + 1, size=len(images))
+    out = images.copy()
+    for i, corruption in enumerate(chosen.values()):
+        for severity in range(1, SEVERITIES + 1):
+            where = np.flatnonzero((names == i) & (severities == severity))
+            if len(where):
+                out[where] = corrupt(images[where], corruption, severity, seed=seed * 1000 + i * 10 + severity)
+    return out
+
+
 def corrupt(images: np.ndarray, corruption, severity: int, seed: int) -> np.ndarray:
     """``images`` (uint8, N x C x H x W) corrupted at ``severity`` (1-5), same shape and dtype; the same seed gives
     the same images."""
     if not 1 <= severity <= SEVERITIES:
         raise CorruptionError(f"severity={severity!r} is not one of 1-{SEVERITIES}.")
     rng = np.random.default_rng(seed)
-    # The package draws from numpy's global generator (noise) or from an ``rng`` attribute it expects to be set.
+    # The package draws from numpy's global generator (noise), Python's (microscopy artefacts) or an ``rng``
+    # attribute it expects to be set.
     corruption.rng = rng
     np.random.seed(seed)
+    random.seed(seed)
     n, channels, height, width = images.shape
     mode = "L" if channels == 1 else "RGB"
     out = np.empty_like(images)

@@ -44,6 +44,8 @@ class DatasetError(ValueError):
 class Split:
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
+    # A corrupted copy of ``images`` (same order) that training draws from with probability corruption_augment.
+    corrupted: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -52,6 +52,7 @@ class FitOptions:
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
+    corruption_augment: float = 0.0  # share of images taken from the training split's corrupted copy
     ema: float = 0.0  # decay of the weight EMA; 0 = no EMA
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
     class_balance: str = "none"
@@ -360,6 +361,9 @@ def train_one_epoch(training: Training, train: Split, epoch: int, progress: bool
         termination.check()
         index = index.to(device)
         images, labels = train.images[index], train.labels[index]
+        if o.corruption_augment and train.corrupted is not None:
+            corrupt = torch.rand(len(index), generator=t.order_generator) < o.corruption_augment
+            images = torch.where(corrupt.to(device)[:, None, None, None], train.corrupted[index], images)
         x = t.augmenter(images) if t.augmenter else to_input(images)
         x = x.contiguous(memory_format=torch.channels_last)
         if t.mixing is not None and len(x) % 2 == 0:  # timm's MixUp pairs the batch with its reverse
@@ -468,7 +472,8 @@ def fit(
     if resume is not None and world.distributed:
         raise distributed.DistributedError("a run goes on from its checkpoint in one process (nproc=1).")
     model.to(device)
-    train = Split(train.images.to(device), train.labels.to(device))
+    corrupted = train.corrupted.to(device) if train.corrupted is not None else None
+    train = Split(train.images.to(device), train.labels.to(device), corrupted)
     val = Split(val.images.to(device), val.labels.to(device))
     # SIGTERM waits for a check between steps (training.core.termination says why).
     with channels_last(model), termination.deferred():

@@ -18,7 +18,7 @@ from sklearn.metrics import classification_report
 
 import zoo
 from contract import ModelCard, Preprocessing
-from training.core import distributed, plots
+from training.core import corruptions, distributed, plots
 from training.core.calibration import calibrate, check_validation, nll, tempered
 from training.core.config import ConfigError, ResolvedConfig, TrainConfig
 from training.core.data import ImageDataset, card_data, load_dataset
@@ -92,6 +92,7 @@ def fit_options(run: ResolvedConfig, model: torch.nn.Module, world: World = Worl
         label_smoothing=config.label_smoothing,
         mixup=config.mixup,
         cutmix=config.cutmix,
+        corruption_augment=config.corruption_augment,
         ema=config.ema,
         clip_grad=config.clip_grad,
         class_balance=config.class_balance,
@@ -107,13 +108,18 @@ def fit_options(run: ResolvedConfig, model: torch.nn.Module, world: World = Worl
 
 def load(run: ResolvedConfig) -> ImageDataset:
     config = run.config
-    return load_dataset(
+    dataset = load_dataset(
         config.dataset,
         config.data_path,
         size=run.input_size,
         max_train_samples=config.max_train_samples or None,
         seed=config.seed,
     )
+    if config.corruption_augment > 0:
+        # Made once, before training: corrupting at 224 px costs milliseconds an image, too slow for every batch.
+        train = dataset.train
+        train.corrupted = torch.from_numpy(corruptions.corrupted_copy(train.images.numpy(), dataset.name, config.seed))
+    return dataset
 
 
 def _train_share(run: ResolvedConfig, world: World) -> None:
