@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="organamnist,breastmnist")
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--max-images", type=int, default=1000)
+    parser.add_argument("--shared-cpu", action="store_true", help="mark the wall times: other work shared the CPU")
     args = parser.parse_args()
     datasets = args.datasets.split(",")
     rows = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines()] if RESULTS_FILE.exists() else []
@@ -84,6 +85,7 @@ def main() -> None:
                 "share": args.share,
                 "run_id": run_id,
                 "train_wall_time": wall,
+                "shared_cpu": args.shared_cpu,
                 "test_acc": test_acc(run_id),
                 "max_images": args.max_images,
                 **result,
@@ -139,7 +141,7 @@ def report(rows: list[dict], datasets: list[str], args) -> str:
                 f"{stat([r['summary']['clean_balanced_acc'] for r in group])} | "
                 f"{stat([r['summary']['corrupted_balanced_acc'] for r in group])} | "
                 f"{stat([r['summary']['rbe'] for r in group])} | "
-                f"{np.median(walls):.0f} |"
+                f"{np.median(walls):.0f}{' (shared CPU)' if any(r.get('shared_cpu') for r in group) else ''} |"
             )
     return "\n".join(lines)
 
