@@ -6,7 +6,10 @@ this package (it needs neither torch nor the training code).
 """
 
 from contract.model_card import (
+    CAM,
+    CAMS_NAME,
     CHAMPION_ALIAS,
+    EXPLAIN_FILE,
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAME,
@@ -21,7 +24,10 @@ from contract.model_card import (
 )
 
 __all__ = [
+    "CAM",
+    "CAMS_NAME",
     "CHAMPION_ALIAS",
+    "EXPLAIN_FILE",
     "INPUT_NAME",
     "METADATA_KEY",
     "OUTPUT_NAME",

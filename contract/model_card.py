@@ -24,6 +24,11 @@ ROBUSTNESS_TAG = "medzoo.robustness"
 # The exported graph's input and output names.
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
+# The explanation graph beside it (same input; logits and every class's activation map [N, K, H, W]), by file name
+# in the MLflow ONNX model's folder and the BentoML model's.
+EXPLAIN_FILE = "explain.onnx"
+CAMS_NAME = "cams"
+CAM = "cam"  # ModelCard.explanation of a version that carries the explanation graph
 
 
 def metric_safe(name: str) -> str:
@@ -92,6 +97,8 @@ class ModelCard:
     confusions: tuple[dict, ...] = ()
     # MedMNIST-C summary (training.workflows.robustness): clean/corrupted balanced ACC, BE, rBE, worst corruption.
     robustness: dict = field(default_factory=dict)
+    # "cam" when the model carries the explanation graph (EXPLAIN_FILE); "" when its head has no activation map.
+    explanation: str = ""
     # Set by deploy from the registry; never guessed at export time.
     registered_model: str = ""
     model_version: str = ""
@@ -135,6 +142,7 @@ class ModelCard:
             data=dict(data.get("data") or {}),
             confusions=tuple(data.get("confusions") or ()),
             robustness=dict(data.get("robustness") or {}),
+            explanation=data.get("explanation", ""),
             registered_model=data.get("registered_model", ""),
             model_version=str(data.get("model_version", "")),
         )
@@ -168,6 +176,7 @@ class ModelCard:
             "data": json.dumps(self.data, sort_keys=True),
             "confusions": json.dumps(list(self.confusions)),
             "robustness": json.dumps(self.robustness, sort_keys=True),
+            "explanation": self.explanation,
         }
         if self.registered_model:
             props.update(registered_model=self.registered_model, model_version=self.model_version)
@@ -204,6 +213,7 @@ class ModelCard:
             data=json.loads(props.get("data") or "{}"),
             confusions=tuple(json.loads(props.get("confusions") or "[]")),
             robustness=json.loads(props.get("robustness") or "{}"),
+            explanation=props.get("explanation", ""),
             registered_model=props.get("registered_model", ""),
             model_version=props.get("model_version", ""),
         )

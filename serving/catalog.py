@@ -34,6 +34,7 @@ class ServedModel:
     card: ModelCard
     session: ort.InferenceSession
     tag: str = ""  # the BentoML store tag it was loaded from: a reload swaps it only when this changes
+    explain_path: str = ""  # its explanation graph (contract.EXPLAIN_FILE); "" when it has none
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self):
@@ -45,6 +46,28 @@ class ServedModel:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+    @cached_property
+    def explainer(self) -> ort.InferenceSession | None:
+        """The explanation graph's session, opened on the first /explain (most workers never need it)."""
+        return make_session(self.explain_path) if self.explain_path else None
+
+    def explain(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [K], every class's activation map [K, H, W]) of one image."""
+        logits, cams = self.explainer.run(None, {self.input_name: pixels[None]})
+        return logits[0], cams[0]
+
+    @property
+    def no_explanation(self) -> str:
+        """Why this version answers without a map ("" when it has one)."""
+        if self.explain_path:
+            return ""
+        if self.card.explanation:
+            return f"the explanation graph of {self.card.registered_model} v{self.card.model_version} is missing"
+        return (
+            f"{self.card.architecture} has no activation map (its head is not global pooling then one linear layer, "
+            "or the version was exported before maps existed)"
+        )
 
     @cached_property
     def _card(self) -> tuple[str | None, str]:

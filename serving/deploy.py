@@ -18,7 +18,14 @@ import bentoml
 import mlflow
 import onnx
 
-from contract import CHAMPION_ALIAS, ROBUSTNESS_TAG, ModelCard, dataset_of_registered_model, registered_model_name
+from contract import (
+    CHAMPION_ALIAS,
+    EXPLAIN_FILE,
+    ROBUSTNESS_TAG,
+    ModelCard,
+    dataset_of_registered_model,
+    registered_model_name,
+)
 from serving.catalog import ONNX_FILE
 
 
@@ -34,6 +41,10 @@ def champions() -> dict[str, object]:
         if dataset_of_registered_model(registered.name) and CHAMPION_ALIAS in (registered.aliases or {}):
             found[registered.name] = client.get_model_version_by_alias(registered.name, CHAMPION_ALIAS)
     return found
+
+
+# Where MLflow keeps a model's extra files (the explanation graph) inside the model's folder.
+EXTRA_FILES = "extra_files"
 
 
 def robustness_run(version) -> str:
@@ -65,6 +76,8 @@ def import_champion(name: str, version) -> tuple[bentoml.Model, bool]:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION_ALIAS}", dst_path=tmp))
         proto = onnx.load(str(local / "model.onnx"))
+        explanation = local / EXTRA_FILES / EXPLAIN_FILE
+        explanation = onnx.load(str(explanation)) if explanation.exists() else None
     card = ModelCard.from_props({p.key: p.value for p in proto.metadata_props}).with_registry(name, version.version)
     if ROBUSTNESS_TAG in version.tags:  # measured after the export: the registry holds it, the file does not
         card = card.with_robustness(json.loads(version.tags[ROBUSTNESS_TAG]))
@@ -76,6 +89,8 @@ def import_champion(name: str, version) -> tuple[bentoml.Model, bool]:
     }
     with bentoml.models.create(name, labels=labels, metadata=card.to_props()) as model:
         onnx.save(proto, model.path_of(ONNX_FILE))
+        if explanation is not None:
+            onnx.save(explanation, model.path_of(EXPLAIN_FILE))
     return model, True
 
 

@@ -50,6 +50,7 @@ class TaskInfo(BaseModel):
     coverage_levels: list[float] = Field(description="levels a request may ask for in `coverage` (empty: no sets)")
     largest_batch: int = Field(description="largest adaptive batch among the last 1000 onnxruntime calls")
     card: str | None = Field(description="path of the model card (Markdown); null when this version has none")
+    explains: bool = Field(description="POST /explain returns an activation map for this task")
 
 
 class Catalogue(BaseModel):
@@ -64,3 +65,14 @@ class ErrorMessage(BaseModel):
 class Reloaded(BaseModel):
     changed: list[str] = Field(description="models swapped in: '<name>: <old tag> -> <new tag>'")
     versions: dict[str, str] = Field(description="task -> registered model version now served")
+
+
+class Explanation(BaseModel):
+    prediction: Prediction = Field(description="what POST /classify answers for the same image")
+    explained_class: str = Field(description="the class whose map this is: the predicted one unless `class` asked")
+    cam: list[list[float]] | None = Field(
+        description="the class activation map at the model's input size, rows then columns, scaled to [0, 1] "
+        "(null when the model has none, see `note`)"
+    )
+    overlay_png: str | None = Field(description="base64 PNG: the map over the image the model saw, 224 px")
+    note: str = Field(description="how the map was made, or why there is none")

@@ -27,8 +27,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import request_response
 
-from contract import REGISTERED_MODEL_PREFIX, ModelCard, conformal
-from serving import bentoml_fixes, draining
+from contract import EXPLAIN_FILE, REGISTERED_MODEL_PREFIX, ModelCard, conformal
+from serving import bentoml_fixes, draining, explanations
 from serving.catalog import ONNX_FILE, Catalog, ServedModel, make_session
 from serving.forms import MAX_REQUEST_BYTES, FormSpec, read_form
 from serving.preprocessing import (
@@ -42,7 +42,7 @@ from serving.preprocessing import (
     minimum_side,
     to_model_input,
 )
-from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Prediction, Reloaded, TaskInfo
+from serving.schemas import BatchPrediction, Catalogue, ErrorMessage, Explanation, Prediction, Reloaded, TaskInfo
 
 bentoml_fixes.apply()
 draining.install()
@@ -77,7 +77,13 @@ def latest_in_store() -> dict[str, bentoml.Model]:
 
 def served_model(stored: bentoml.Model) -> ServedModel:
     card = ModelCard.from_props({k: str(v) for k, v in stored.info.metadata.items()})
-    return ServedModel(card, make_session(str(Path(stored.path) / ONNX_FILE)), tag=str(stored.tag))
+    explanation = Path(stored.path) / EXPLAIN_FILE
+    return ServedModel(
+        card,
+        make_session(str(Path(stored.path) / ONNX_FILE)),
+        tag=str(stored.tag),
+        explain_path=str(explanation) if explanation.exists() else "",
+    )
 
 
 def api_key_error(request: Request, env: str) -> Response | None:
@@ -179,6 +185,11 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
     }
     required = [spec.file_field, *spec.text_fields]
     properties = {spec.file_field: files, "task": task, "coverage": coverage}
+    if "class" in spec.optional_fields:
+        properties["class"] = {
+            "type": "string",
+            "description": "class to explain, by name or index (default: predicted)",
+        }
     body = {"type": "object", "required": required, "properties": properties}
     errors = {
         400: "malformed form, missing or unexpected field, empty image, a coverage level the model was not "
@@ -198,6 +209,7 @@ def upload_openapi(spec: FormSpec, summary: str) -> dict:
 
 DECLARED_MODELS = store_models()  # listed once: the class declares these and each worker loads them
 IMAGE_FORM = FormSpec("image", many=False, optional_fields=("coverage",))
+EXPLAIN_FORM = FormSpec("image", many=False, optional_fields=("coverage", "class"))
 BATCH_FORM = FormSpec("images", many=True, optional_fields=("coverage",))
 
 # The HTTP API. BentoML serves it inside the service (workers, model store, probes, /metrics, OpenAPI page);
@@ -253,6 +265,35 @@ class MedZoo:
         logits = await asyncio.to_thread(model.logits, batch)
         return BatchPrediction(task=model.task, results=[prediction(model, row, level) for row in logits])
 
+    async def explain(
+        self, task: str, image: bytes, coverage: str | None = None, class_name: str | None = None
+    ) -> Explanation:
+        model = self.catalog.resolve(task)
+        level = coverage_level(model, coverage)
+        pixels = model_input(model, image, "image")
+        if not model.explain_path:
+            answer = prediction(model, await model.batcher.infer(pixels), level)
+            target = explanations.chosen_class(class_name, model.card.class_names, answer.class_index)
+            return Explanation(
+                prediction=answer,
+                explained_class=model.card.class_names[target],
+                cam=None,
+                overlay_png=None,
+                note=f"no map: {model.no_explanation}.",
+            )
+        logits, cams = await asyncio.to_thread(model.explain, pixels)
+        answer = prediction(model, logits, level)
+        target = explanations.chosen_class(class_name, model.card.class_names, answer.class_index)
+        cam = explanations.scaled(cams[target])
+        return Explanation(
+            prediction=answer,
+            explained_class=model.card.class_names[target],
+            cam=np.round(cam, 4).tolist(),
+            overlay_png=explanations.overlay_png(pixels, cam),
+            note="class activation map (Zhou et al. 2016) of the plain view: the head's weights for the class over "
+            "the last feature map, upsampled to the input and divided by its maximum.",
+        )
+
     def reload(self) -> list[str]:
         """Load every model `deploy` imported since, and swap the catalogue in one assignment: requests already
         running finish on the model they started with, new ones get the new one. Returns what changed."""
@@ -297,6 +338,7 @@ class MedZoo:
                 coverage_levels=sorted(float(level) for level in m.card.conformal),
                 largest_batch=max(m.batcher.batch_sizes, default=0),
                 card=f"/models/{m.task}/card" if m.card_text is not None else None,
+                explains=bool(m.explain_path),
             )
             for m in self.catalog.models.values()
         ]
@@ -341,11 +383,29 @@ async def classify_batch(request: Request) -> Response:
         return error(err)
 
 
+@api.post("/explain", response_model=Explanation, **upload_openapi(EXPLAIN_FORM, "Classify one image and show why"))
+async def explain(request: Request) -> Response:
+    """The /classify form, optionally `class` (a class name or index; default: the predicted class): the same
+    prediction, the class activation map of that class and a PNG of it over the image. A model without maps
+    (GET /models: `explains`) answers the prediction with `cam: null` and a `note` saying why."""
+    if refused := api_key_error(request, API_KEY_ENV):
+        return refused
+    service = current()
+    try:
+        form = await read_form(request, EXPLAIN_FORM)
+        text = form.text
+        return json_response(
+            await service.explain(text["task"], form.files[0], text.get("coverage"), text.get("class"))
+        )
+    except RequestError as err:
+        return error(err)
+
+
 # FastAPI documents the upload routes; Starlette serves them. They take the raw Request and return a Response,
 # so FastAPI's dependency solving and validation would find nothing to do, yet cost about a tenth of the
 # request's CPU.
 for _route in api.routes:
-    if isinstance(_route, APIRoute) and _route.endpoint in (classify, classify_batch):
+    if isinstance(_route, APIRoute) and _route.endpoint in (classify, classify_batch, explain):
         _route.app = request_response(_route.endpoint)
 
 
@@ -397,7 +457,7 @@ for _attribute, _model in DECLARED_MODELS.items():
     setattr(MedZoo, _attribute, _model)
 
 MedZoo = bentoml.asgi_app(api, path="/")(MedZoo)
-UPLOAD_ROUTES = ["/classify", "/classify_batch"]
+UPLOAD_ROUTES = ["/classify", "/classify_batch", "/explain"]
 # One worker process per core by default (each holds every model, a few MB, and its own batchers).
 # BentoML's access log line and tracing span per request cost about a fifth and a third of the classify
 # throughput (README, "Why fast"), and BentoML 1.4.39 keeps every span in memory: the access log is off and

@@ -54,8 +54,8 @@ def offline_probabilities(session: ort.InferenceSession, pixels: np.ndarray) -> 
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def post_image(client, data: bytes, task: str = "blood", name: str = "cell.png", route="/classify"):
-    return client.post(route, files={"image": (name, data, "image/png")}, data={"task": task})
+def post_image(client, data: bytes, task: str = "blood", name: str = "cell.png", route="/classify", data_extra=None):
+    return client.post(route, files={"image": (name, data, "image/png")}, data={"task": task, **(data_extra or {})})
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
@@ -187,6 +187,44 @@ def test_each_task_serves_its_versions_model_card(client, deployed):
     assert "| basophil |" in text and "-P dataset=bloodmnist" in text and "input `pixels`" in text
     unknown = client.get("/models/lung/card")
     assert unknown.status_code == 404 and "Unknown task 'lung'" in unknown.json()["error"]
+
+
+def test_explain_answers_like_classify_with_a_map_and_an_overlay_for_any_class(client, deployed):
+    import base64
+
+    tasks = {t["task"]: t for t in client.get("/models").json()["tasks"]}
+    assert tasks["bloodmnist"]["explains"] is True
+    names = tasks["bloodmnist"]["class_names"]
+    image = png(load_dataset("bloodmnist", deployed["data"]).test.images[0].numpy())
+    classified = post_image(client, image, task="blood").json()
+    response = post_image(client, image, task="blood", route="/explain")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    answer = body["prediction"]
+    assert answer["label"] == classified["label"] and body["explained_class"] == classified["label"]
+    for name, p in classified["probabilities"].items():
+        assert answer["probabilities"][name] == pytest.approx(p, abs=1e-5)
+    assert answer["prediction_set"] == classified["prediction_set"]
+    cam = np.array(body["cam"])
+    assert cam.shape == (28, 28) and cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (224, 224)
+    other = next(n for n in names if n != classified["label"])
+    asked = post_image(client, image, task="blood", route="/explain", data_extra={"class": other}).json()
+    assert asked["explained_class"] == other and asked["prediction"]["label"] == classified["label"]
+    assert not np.allclose(np.array(asked["cam"]), cam)
+    refused = post_image(client, image, task="blood", route="/explain", data_extra={"class": "dragon"})
+    assert refused.status_code == 400 and "class='dragon' is not a class" in refused.json()["error"]
+    assert "basophil" in refused.json()["error"]
+
+
+def test_a_model_without_a_map_says_why():
+    from serving.catalog import ServedModel
+
+    card = ModelCard("mlp", "bloodmnist", "multi-class", ("a", "b"), Preprocessing(28, 3, (0.5,) * 3, (0.5,) * 3))
+    plain = ServedModel.__new__(ServedModel)
+    plain.card, plain.explain_path = card, ""
+    assert "mlp has no activation map" in plain.no_explanation
 
 
 def test_a_version_exported_before_cards_has_none_and_says_what_to_do():

@@ -163,7 +163,14 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(stack)
 
 # Property-based fuzzing against the service's own OpenAPI schema (schemathesis, bounded and derandomised).
 @pytest.mark.parametrize(
-    "method, path", [("POST", "/classify"), ("POST", "/classify_batch"), ("GET", "/models"), ("POST", "/admin/reload")]
+    "method, path",
+    [
+        ("POST", "/classify"),
+        ("POST", "/classify_batch"),
+        ("POST", "/explain"),
+        ("GET", "/models"),
+        ("POST", "/admin/reload"),
+    ],
 )
 @pytest.mark.e2e
 def test_the_api_never_answers_5xx_and_always_matches_its_schema(stack, method, path):

@@ -33,6 +33,12 @@ class RawPixels(nn.Module):
 
 def rebuild_network(model: nn.Module, card: ModelCard) -> nn.Module:
     """The run's network (normalisation included, test-time views left out) as a plain module."""
+    return rebuild(model, card)[1]
+
+
+def rebuild(model: nn.Module, card: ModelCard) -> tuple[nn.Module, zoo.NormalizedClassifier]:
+    """A logged model (a traced graph) as modules again, from its card and weights: the served model (views
+    and temperature included) and the normalised network inside it."""
     pre = card.preprocessing
     backbone = zoo.create_model(
         card.architecture,
@@ -45,7 +51,7 @@ def rebuild_network(model: nn.Module, card: ModelCard) -> nn.Module:
     wrapped = zoo.TTAClassifier(network, card.tta) if card.tta else network
     wrapped = zoo.TemperatureScaled(wrapped, card.temperature) if card.temperature != 1.0 else wrapped
     wrapped.load_state_dict(model.state_dict())
-    return network.eval()
+    return wrapped.eval(), network.eval()
 
 
 def without_classifier(network: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,14 +23,17 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from contract import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard
+from contract import CAM, CAMS_NAME, EXPLAIN_FILE, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard
+from training.core.features import rebuild
 from training.core.options import AUTO, option
 from training.tracking.records import MODEL_ARTIFACT, PARITY_ARTIFACT
+from zoo.cam import Explained, explains
 
 ONNX_ARTIFACT = "onnx"
 PARITY_ATOL = 1e-4
 # The Python path's class probabilities on the parity images, logged by runs whose model is an ONNX graph.
 REFERENCE_ARTIFACT = "parity/reference_probabilities.npy"
+EXPLAIN_ARTIFACT_DIR = "explain"  # the run's explanation graph (zoo.cam), carried by its ONNX model
 
 
 @dataclass
@@ -110,7 +113,11 @@ def parity_images(run_id: str) -> np.ndarray:
 
 
 def export_onnx(
-    model: torch.nn.Module, input_size: int, in_chans: int, metadata: dict[str, str], output_name: str = OUTPUT_NAME
+    model: torch.nn.Module,
+    input_size: int,
+    in_chans: int,
+    metadata: dict[str, str],
+    output_name: str | tuple[str, ...] = OUTPUT_NAME,
 ) -> onnx.ModelProto:
     """One self-contained ONNX graph (no external data) with a dynamic batch dimension."""
     example = torch.rand(2, in_chans, input_size, input_size)
@@ -128,7 +135,7 @@ def export_onnx(
             external_data=False,
             verbose=False,
             input_names=[INPUT_NAME],
-            output_names=[output_name],
+            output_names=[output_name] if isinstance(output_name, str) else list(output_name),
             dynamic_shapes=({0: batch},),
         )
         proto = onnx.load(str(path))
@@ -164,21 +171,69 @@ def logged_onnx_model(run_id: str):
     return found[0] if found else None
 
 
+def export_explanation(
+    served: torch.nn.Module, normalized: torch.nn.Module, input_size: int, in_chans: int, pixels: np.ndarray
+) -> onnx.ModelProto:
+    """The explanation graph (``zoo.cam.Explained``): ``pixels`` -> ``logits`` (the served graph's) and ``cams``,
+    checked against PyTorch on ``pixels`` (float32 in [0, 1]) like the served graph."""
+    explained = Explained(served, normalized).eval()
+    proto = export_onnx(explained, input_size, in_chans, {}, output_name=(OUTPUT_NAME, CAMS_NAME))
+    with torch.no_grad():
+        expected = [t.numpy() for t in explained(torch.from_numpy(pixels))]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: pixels})
+    scale = max(1.0, float(np.abs(expected[1]).max()))
+    for name, a, b, tolerance in zip((OUTPUT_NAME, CAMS_NAME), got, expected, (PARITY_ATOL, PARITY_ATOL * scale)):
+        if np.abs(a - b).max() > tolerance:
+            raise ParityError(f"the explanation graph's {name} differ from PyTorch by {np.abs(a - b).max():.2e}.")
+    return proto
+
+
+def with_explanation(run_id: str, model: torch.nn.Module, card: ModelCard, pixels: np.ndarray) -> ModelCard:
+    """Export and log the run's explanation graph when its network has a pooled linear head (``zoo.cam``); the
+    card then says so. Done at export, not in training: the logged model is a traced graph, rebuilt here from the
+    card, and the export costs seconds that only registered models need."""
+    served, network = rebuild(model, card)
+    if not explains(network.backbone):
+        return card
+    pre = card.preprocessing
+    proto = export_explanation(served, network, pre.input_size, pre.in_chans, pixels)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / EXPLAIN_FILE
+        onnx.save(proto, str(path))
+        mlflow.MlflowClient().log_artifact(run_id, str(path), EXPLAIN_ARTIFACT_DIR)
+    return replace(card, explanation=CAM)
+
+
+def logged_explanation(run_id: str, folder: str) -> str | None:
+    """The run's explanation graph downloaded into ``folder``, or None when it has none."""
+    try:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{EXPLAIN_ARTIFACT_DIR}/{EXPLAIN_FILE}", dst_path=folder
+        )
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
 def log_onnx_model(run_id: str, proto: onnx.ModelProto, card: ModelCard, example: np.ndarray):
-    """Log the ONNX model to the training run itself, beside the PyTorch model (the run is not reopened)."""
+    """Log the ONNX model to the training run itself, beside the PyTorch model (the run is not reopened), with
+    the run's explanation graph as an extra file when it has one."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {INPUT_NAME: example})[0]
-    return mlflow.onnx.log_model(
-        proto,
-        name=ONNX_ARTIFACT,
-        run_id=run_id,
-        input_example=example,
-        signature=mlflow.models.infer_signature(example, logits),
-        save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"],
-        metadata={METADATA_KEY: card.to_dict()},
-        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("onnx", "onnxruntime", "mlflow", "numpy")],
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        explanation = logged_explanation(run_id, tmp)
+        return mlflow.onnx.log_model(
+            proto,
+            name=ONNX_ARTIFACT,
+            run_id=run_id,
+            input_example=example,
+            signature=mlflow.models.infer_signature(example, logits),
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            metadata={METADATA_KEY: card.to_dict()},
+            pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("onnx", "onnxruntime", "mlflow", "numpy")],
+            extra_files=[explanation] if explanation else None,
+        )
 
 
 @dataclass
@@ -204,7 +259,9 @@ def export_run(run_id: str, log: bool = True) -> ExportResult:
     # spends on a member), its parity against the PyTorch model checked again like a new one's.
     if existing is not None:
         proto = mlflow.onnx.load_model(existing.model_uri)
+        card = ModelCard.from_props({p.key: p.value for p in proto.metadata_props})
     else:
+        card = with_explanation(run_id, model, card, images) if log else card
         proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
     parity = require_parity(proto, model, images)
     model_uri = ""
