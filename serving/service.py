@@ -19,11 +19,13 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+import _bentoml_impl.server as bentoml_server
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.routing import request_response
 
@@ -49,6 +51,9 @@ draining.install()
 logger = logging.getLogger("medzoo")
 
 CARD_MEDIA_TYPE = "text/markdown; charset=utf-8"
+STATIC = Path(__file__).parent / "static"  # the web page: plain HTML, CSS and JavaScript, no build step
+# BentoML's OpenAPI page (its scripts are in /static_content, which BentoML serves); ours takes / for the web page.
+OPENAPI_PAGE = Path(bentoml_server.__file__).parent / "main-openapi.html"
 API_KEY_ENV = "MEDZOO_API_KEY"  # the prediction routes need it when set
 ADMIN_KEY_ENV = "MEDZOO_ADMIN_KEY"  # the admin routes exist only when set
 HOST_ENV, LOCAL_HOST = "MEDZOO_HOST", "127.0.0.1"
@@ -214,7 +219,13 @@ BATCH_FORM = FormSpec("images", many=True, optional_fields=("coverage",))
 
 # The HTTP API. BentoML serves it inside the service (workers, model store, probes, /metrics, OpenAPI page);
 # the routes read the upload themselves, once and in memory (README, "Why fast").
-api = FastAPI(title="MedZoo", description="MedMNIST classification with the MLflow registry champions.")
+# FastAPI's own /docs and /redoc load their scripts from a CDN; the OpenAPI page is BentoML's, served offline.
+api = FastAPI(
+    title="MedZoo",
+    description="MedMNIST classification with the MLflow registry champions.",
+    docs_url=None,
+    redoc_url=None,
+)
 
 
 class MedZoo:
@@ -407,6 +418,21 @@ async def explain(request: Request) -> Response:
 for _route in api.routes:
     if isinstance(_route, APIRoute) and _route.endpoint in (classify, classify_batch, explain):
         _route.app = request_response(_route.endpoint)
+
+
+@api.get("/", include_in_schema=False)
+async def page() -> Response:
+    """The web page: choose a task, drop an image, see the answer, its prediction set and its heat map."""
+    return FileResponse(STATIC / "index.html")
+
+
+@api.get("/docs", include_in_schema=False)
+async def openapi_page() -> Response:
+    """The OpenAPI page (request and response schemas, try-it-out) that BentoML shows at / by default."""
+    return FileResponse(OPENAPI_PAGE)
+
+
+api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 @api.get("/models", response_model=Catalogue, summary="Served tasks and limits")

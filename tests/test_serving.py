@@ -7,6 +7,8 @@ import gc
 import importlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -483,3 +485,61 @@ def test_concurrent_requests_are_batched(server, deployed):
     assert len(set(answers)) == 1
     blood = next(t for t in httpx.get(f"{base}/models").json()["tasks"] if t["task"] == "bloodmnist")
     assert blood["largest_batch"] > 1, "concurrent requests never shared an onnxruntime call"
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = ROOT / "docs" / "images" / "serving-page.png"
+
+
+@pytest.mark.e2e
+def test_the_page_answers_like_the_api_draws_the_map_and_shows_errors(server, deployed, tmp_path):
+    """Debian's chromium, driven by Playwright, at phone width: upload a real test image, submit with the
+    keyboard, compare the label and the bars with POST /classify, check the heat map is drawn; then a file that
+    is no image gets the service's own message on the page."""
+    from playwright.sync_api import sync_playwright
+
+    base, _ = server
+    cell = tmp_path / "cell.png"
+    cell.write_bytes(png(load_dataset("bloodmnist", deployed["data"]).test.images[3].numpy()))
+    expected = httpx.post(
+        f"{base}/classify", files={"image": ("cell.png", cell.read_bytes(), "image/png")}, data={"task": "blood"}
+    ).json()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(f"{base}/")
+        page.wait_for_selector("#task option[value=bloodmnist]", state="attached")
+        page.select_option("#task", "bloodmnist")
+        page.set_input_files("#image", str(cell))
+        page.focus("#submit")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.text_content("#label") == expected["label"]
+        bars = page.eval_on_selector_all(
+            "#bars li", "items => items.map(i => [i.dataset.name, +i.dataset.probability])"
+        )
+        assert [name for name, _ in bars] == list(expected["probabilities"])[: len(bars)]
+        for name, probability in bars:
+            assert probability == pytest.approx(expected["probabilities"][name], abs=1e-6)
+        assert ", ".join(expected["prediction_set"]) in page.text_content("#set")
+        page.wait_for_function("document.getElementById('heat').dataset.drawn === 'true'")
+        drawn = page.evaluate(
+            "() => { const d = document.getElementById('heat').getContext('2d').getImageData(0, 0, 224, 224).data;"
+            " let alpha = 0; for (let i = 3; i < d.length; i += 4) alpha += d[i]; return alpha; }"
+        )
+        assert drawn > 0
+        assert page.get_attribute("#model a", "href") == "/models/bloodmnist/card"
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        if os.environ.get("MEDZOO_UPDATE_SCREENSHOT") == "1":  # the docs' picture (docs/serving.md)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        note = tmp_path / "note.png"
+        note.write_text("not an image")
+        page.set_input_files("#image", str(note))
+        page.click("#submit")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "image: not a decodable image; send PNG, JPEG" in page.text_content("#error")
+        assert page.is_hidden("#result")
+        browser.close()
+    assert server[1].poll() is None
