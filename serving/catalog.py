@@ -66,7 +66,7 @@ class ServedModel:
             return f"the explanation graph of {self.card.registered_model} v{self.card.model_version} is missing"
         return (
             f"{self.card.architecture} has no activation map (its head is not global pooling then one linear layer, "
-            "or the version was exported before maps existed)"
+            "its last feature map is 1x1 at this input size, or the version was exported before maps existed)"
         )
 
     @cached_property

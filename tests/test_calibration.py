@@ -139,7 +139,10 @@ def test_a_run_logs_calibration_and_its_model_answers_calibrated(synthetic_env, 
     # the test loss is the served graph's: the calibrated NLL
     assert metrics["test_loss"] == pytest.approx(metrics["test_nll"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "plots")}
-    assert "plots/reliability.png" in artifacts
+    assert {"plots/reliability.png", "plots/test_gradcam.png"} <= artifacts
+    # Grad-CAM of the test images on resnet9's last stage (3x3 at 28 px), agreeing with the served maps
+    assert run.data.tags["gradcam_layer"].startswith("backbone.features.") and "(3x3)" in run.data.tags["gradcam_layer"]
+    assert metrics["gradcam_cam_correlation"] > 0.9
     saved = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/calibration.json"))
     assert saved["temperature"] == pytest.approx(metrics["temperature"])
     assert set(saved["conformal_thresholds"]) == {"0.90", "0.95", "0.99"}

@@ -11,7 +11,8 @@ Which heads qualify, by :func:`cam_parts`: resnet9 (global *max* pooling: its ma
 which the logit takes each channel's peak), cnn with ``hidden=0`` (global average pooling), and timm's ResNets,
 EfficientNets and MobileNetV2 (average pooling, then the classifier). Not: mlp and alexnet (no spatial map before
 the head), cnn with a hidden layer, MobileNetV3 (a 1x1 conv and activation after the pooling) and ConvNeXt (a
-LayerNorm after the pooling): for them the weighted map would not be what the head computes.
+LayerNorm after the pooling): for them the weighted map would not be what the head computes. Nor a net whose last
+map is 1x1 at its input size (timm's ResNets at 28 px): upsampled, it is a constant.
 """
 
 from __future__ import annotations
@@ -62,8 +63,17 @@ def cam_parts(backbone: nn.Module) -> CamParts | None:
     return None
 
 
-def explains(backbone: nn.Module) -> bool:
-    return cam_parts(backbone) is not None
+MIN_MAP_SIDE = 2  # a 1x1 map (timm's ResNet-18 at 28 px) upsamples to a constant: it shows nothing
+
+
+def explains(backbone: nn.Module, in_chans: int, input_size: int) -> bool:
+    """Whether ``backbone`` has a pooled linear head and, at this input size, a last map of at least 2x2."""
+    parts = cam_parts(backbone)
+    if parts is None:
+        return False
+    with torch.no_grad():
+        side = min(parts(torch.zeros(1, in_chans, input_size, input_size)).shape[-2:])
+    return side >= MIN_MAP_SIDE
 
 
 class Explained(nn.Module):

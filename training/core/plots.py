@@ -198,3 +198,28 @@ def robustness_figure(scores: np.ndarray, corruptions: list[str], clean: float, 
     ax.set_title(f"{title}\nclean balanced accuracy {clean:.3f}")
     fig.tight_layout()
     return fig
+
+
+def gradcam_figure(
+    images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str], title: str
+):
+    """Each image beside its Grad-CAM overlay for the predicted class, mistakes first (a red title)."""
+    cols = 4  # two images with their overlays per row
+    rows = max(1, int(np.ceil(2 * len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (image, heat, label, p) in enumerate(zip(images, maps, labels, probs)):
+        picture = image.transpose(1, 2, 0)
+        picture = picture.squeeze(-1) if picture.shape[-1] == 1 else picture
+        left, right = axes.flat[2 * k], axes.flat[2 * k + 1]
+        left.imshow(picture, cmap="gray", vmin=0, vmax=255)
+        right.imshow(picture, cmap="gray", vmin=0, vmax=255)
+        right.imshow(heat, cmap="viridis", alpha=0.55, vmin=0, vmax=1, interpolation="bilinear")
+        predicted = int(p.argmax())
+        wrong = predicted != label
+        left.set_title(f"true: {class_names[label]}", fontsize=7, color="firebrick" if wrong else "black")
+        right.set_title(f"pred: {class_names[predicted]} ({p[predicted]:.2f})", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

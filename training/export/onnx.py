@@ -194,9 +194,9 @@ def with_explanation(run_id: str, model: torch.nn.Module, card: ModelCard, pixel
     card then says so. Done at export, not in training: the logged model is a traced graph, rebuilt here from the
     card, and the export costs seconds that only registered models need."""
     served, network = rebuild(model, card)
-    if not explains(network.backbone):
-        return card
     pre = card.preprocessing
+    if not explains(network.backbone, pre.in_chans, pre.input_size):
+        return card
     proto = export_explanation(served, network, pre.input_size, pre.in_chans, pixels)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / EXPLAIN_FILE

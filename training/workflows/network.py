@@ -18,10 +18,11 @@ from sklearn.metrics import classification_report
 
 import zoo
 from contract import ModelCard, Preprocessing
-from training.core import corruptions, distributed, plots
+from training.core import corruptions, distributed, gradcam, plots
 from training.core.calibration import calibrate, check_validation, nll, tempered
 from training.core.config import ConfigError, ResolvedConfig, TrainConfig
 from training.core.data import ImageDataset, card_data, load_dataset
+from training.core.devices import to_input
 from training.core.distributed import World
 from training.core.engine import EpochResult, FitOptions, FitResult, fit, predict
 from training.core.metrics import top_confusions
@@ -30,6 +31,7 @@ from training.core.recipes import train_command
 from training.tracking import lifecycle, records
 from training.tracking.checkpoint import RollingCheckpoint
 from training.tracking.resume import Resumption
+from zoo.cam import Explained, explains
 
 
 @dataclass
@@ -200,6 +202,7 @@ def train_network(
             records.log_json(fit_result.data_parallel, "distributed.json")
         mlflow.set_tag("selected_weights", fit_result.best_weights)
         # The final model averages the test-time views inside itself, so export and serving answer the same.
+        network = model  # the normalised net without test-time views: what Grad-CAM explains
         model = zoo.TTAClassifier(model, run.tta) if run.tta else model
         # Selection is done; the test split is touched exactly once, with the selected weights.
         (val_probs, _), (test_probs, _) = predict(model, dataset.val), predict(model, dataset.test)
@@ -229,6 +232,7 @@ def train_network(
         val_metrics, test_metrics = {"best_val_loss": val_loss, **val_metrics}, {"test_loss": test_loss, **test_metrics}
         mlflow.set_tag("stopped_early", str(fit_result.stopped_early))
         _log_reports(config, title, dataset, fit_result, test_probs)
+        _log_gradcam(network, dataset, test_probs, title)
         card = ModelCard(
             architecture=config.model,
             dataset=dataset.name,
@@ -280,6 +284,42 @@ def _relog_missing_epochs(run_id: str, state: dict) -> int:
         if epoch not in logged:
             mlflow.log_metrics(metrics, step=epoch)
     return max(logged, default=0)
+
+
+def _log_gradcam(network: torch.nn.Module, dataset: ImageDataset, test_probs, title: str) -> None:
+    """``plots/test_gradcam.png``: Grad-CAM of the most confident test mistakes and of a confident correct image
+    per class, for the predicted class, on the deepest layer whose map is at least 2x2 (tag ``gradcam_layer``). A
+    network the service explains with activation maps (``zoo.cam``) logs how well the two agree on these images
+    (``gradcam_cam_correlation``, mean Pearson correlation of the maps)."""
+    network = network.cpu().eval()
+    pre_size, channels = dataset.size, dataset.channels
+    try:
+        name, layer, size = gradcam.target_layer(network, channels, pre_size)
+    except ValueError as err:
+        records.log_notes([f"no Grad-CAM figure: {err}"])
+        return
+    test = dataset.test
+    chosen = gradcam.examples(test.labels.numpy(), test_probs)
+    images, predicted = test.images[chosen], test_probs[chosen].argmax(1)
+    maps = gradcam.grad_cam(network, layer, images, predicted.tolist())
+    mlflow.set_tag("gradcam_layer", f"{name} ({size[0]}x{size[1]})")
+    records.log_figure(
+        plots.gradcam_figure(
+            images.numpy(),
+            maps,
+            test.labels.numpy()[chosen],
+            test_probs[chosen],
+            dataset.class_names,
+            f"{title}: Grad-CAM at {name} ({size[0]}x{size[1]}), mistakes first",
+        ),
+        "plots/test_gradcam.png",
+    )
+    if explains(network.backbone, channels, pre_size):
+        with torch.no_grad():
+            _, cams = Explained(network, network)(to_input(images))
+        served = cams[torch.arange(len(chosen)), torch.as_tensor(predicted)].numpy()
+        agreement = [gradcam.pearson(a, b) for a, b in zip(served, maps)]
+        mlflow.log_metric("gradcam_cam_correlation", float(np.nanmean(agreement)))
 
 
 def _log_reports(config, title: str, dataset: ImageDataset, fit_result: FitResult, test_probs) -> None:
