@@ -126,7 +126,7 @@ def report(rows: list[dict], datasets: list[str], args) -> str:
         lever = [r for r in rows if r["dataset"] == dataset and r["share"] == args.share]
         base_walls = [trained[r["source_run"]]["wall_time"] for r in base]
         for label, group, accs, walls in (
-            ("quick (shipped)", base, [test_acc(r["source_run"]) for r in base], base_walls),
+            ("quick (shipped)", base, [trained[r["source_run"]]["test_acc"] for r in base], base_walls),
             (
                 f"quick + corruption_augment={args.share}",
                 lever,

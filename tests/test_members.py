@@ -6,6 +6,7 @@ import pytest
 
 import training.workflows.network
 from tests.helpers.runs import shrunk
+from training.core.calibration import tempered
 from training.core.config import ConfigError
 from training.export.onnx import export_run, onnx_probabilities
 from training.tracking.resume import resumption
@@ -59,11 +60,11 @@ def test_members_train_with_their_own_seeds_and_a_stopped_parent_goes_on_to_the_
     assert all(m.data.tags["mlflow.parentRunId"] == whole.run_id and m.info.status == "FINISHED" for m in members)
     assert [m.info.run_id for m in members] == whole.member_run_ids
 
-    # the parent's model is the average of its members' probabilities, in one graph
+    # the parent's model is the average of its members' probabilities, in one graph, calibrated as a whole
     images = np.random.default_rng(0).random((8, 3, 28, 28), dtype=np.float32)
     fused = onnx_probabilities(export_run(whole.run_id).proto, images)
     average = np.mean([onnx_probabilities(export_run(m.info.run_id).proto, images) for m in members], axis=0)
-    np.testing.assert_allclose(fused, average, atol=1e-5)
+    np.testing.assert_allclose(fused, tempered(average, parent.data.metrics["temperature"]), atol=1e-5)
     assert whole.ensemble.member_test_acc == [m.data.metrics["test_acc"] for m in members]
 
     with monkeypatch.context() as patch, pytest.raises(Crash):
