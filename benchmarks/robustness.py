@@ -98,11 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--max-images", type=int, default=1000)
+    parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the recorded rows only")
     args = parser.parse_args()
     datasets = args.datasets.split(",")
     finished = done()
     for (dataset, seed), run_id in sorted(quick_runs(datasets).items()):
-        if (run_id, args.max_images) in finished:
+        if (run_id, args.max_images) in finished or args.report_only:
             continue
         print(f"== {dataset} seed {seed}: run {run_id}", flush=True)
         result = evaluate(run_id, args.max_images)

@@ -66,13 +66,14 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--max-images", type=int, default=1000)
     parser.add_argument("--shared-cpu", action="store_true", help="mark the wall times: other work shared the CPU")
+    parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the recorded rows only")
     args = parser.parse_args()
     datasets = args.datasets.split(",")
     rows = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines()] if RESULTS_FILE.exists() else []
     done = {(r["dataset"], r["seed"], r["share"]) for r in rows}
     for dataset in datasets:
         for seed in SEEDS:
-            if (dataset, seed, args.share) in done:
+            if (dataset, seed, args.share) in done or args.report_only:
                 continue
             if not STORE.exists():
                 raise SystemExit(f"run benchmarks/accuracy.py first: no store in {STORE}")
@@ -96,6 +97,11 @@ def main() -> None:
     write_section("robustness-lever", report(rows, datasets, args))
 
 
+def partial(rows: list[dict], datasets: list[str], share: float) -> str:
+    missing = [d for d in datasets if sum(r["dataset"] == d and r["share"] == share for r in rows) < len(SEEDS)]
+    return f" **Partial: {', '.join(missing)} not (fully) measured yet.**" if missing else ""
+
+
 def report(rows: list[dict], datasets: list[str], args) -> str:
     shipped = {}
     if SHIPPED_FILE.exists():
@@ -110,7 +116,8 @@ def report(rows: list[dict], datasets: list[str], args) -> str:
         f"`python benchmarks/robustness_lever.py --share {args.share}`: `quick` trained with half of each batch "
         "drawn from a MedMNIST-C corrupted copy of the training split, against the shipped `quick` runs, 3 seeds "
         f"each; robustness as in the section above ({args.max_images} test images). Clean test ACC on the whole test "
-        "split. Target: corrupted balanced accuracy up, clean test ACC down by at most 0.3 points.",
+        "split. Target: corrupted balanced accuracy up, clean test ACC down by at most 0.3 points."
+        + partial(rows, datasets, args.share),
         "",
         "| dataset | training | seeds | clean test ACC | clean balanced ACC | corrupted balanced ACC | rBE | "
         "training wall time per run (s) |",
