@@ -534,6 +534,7 @@ def test_the_page_answers_like_the_api_draws_the_map_and_shows_errors(server, de
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+        logged_before = len(server[1].log_path.read_text())
         note = tmp_path / "note.png"
         note.write_text("not an image")
         page.set_input_files("#image", str(note))
@@ -542,4 +543,7 @@ def test_the_page_answers_like_the_api_draws_the_map_and_shows_errors(server, de
         assert "image: not a decodable image; send PNG, JPEG" in page.text_content("#error")
         assert page.is_hidden("#result")
         browser.close()
+    # a refused upload is an answer, not a server error: nothing about it in the server's log
+    logged = server[1].log_path.read_text()[logged_before:]
+    assert "Traceback" not in logged and "ERROR" not in logged, logged[-2000:]
     assert server[1].poll() is None
