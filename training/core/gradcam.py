@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from training.core.devices import to_input
-
-MIN_MAP_SIDE = 2
+from zoo.cam import MIN_MAP_SIDE  # the same rule as the served maps: a 1x1 map shows nothing
 
 
 def target_layer(network: nn.Module, in_chans: int, input_size: int) -> tuple[str, nn.Module, tuple[int, int]]:
