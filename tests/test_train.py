@@ -204,3 +204,32 @@ def test_a_run_is_resolved_once_before_it_starts():
         resolve(TrainConfig(dataset="organamnist", augment="hflip"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.input_size = 28
+
+
+def test_lookahead_adamw_moves_halfway_to_adamw_every_k_steps_and_round_trips():
+    import torch
+
+    from training.core.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model, plain = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    plain.load_state_dict(model.state_dict())
+    optimizer = make_optimizer("lookahead_adamw", model, lr=0.1, weight_decay=0.0)
+    reference = make_optimizer("adamw", plain, lr=0.1, weight_decay=0.0)
+    assert optimizer.defaults["fused"] is True
+    k, alpha = optimizer.defaults["lookahead_k"], optimizer.defaults["lookahead_alpha"]
+    after = {}
+    for step in range(1, 2 * k + 1):  # the same batches for both
+        batch = torch.randn(8, 4)
+        for net, opt in ((model, optimizer), (plain, reference)):
+            opt.zero_grad()
+            net(batch).pow(2).mean().backward()
+            opt.step()
+        after[step] = plain.weight.detach().clone()
+    # timm keeps the slow weights from the k-th step on (its first pull-back is a no-op); after k more fast steps
+    # they move alpha of the way to where AdamW alone went, and the network takes them.
+    torch.testing.assert_close(model.weight.detach(), after[k] + alpha * (after[2 * k] - after[k]))
+    assert not torch.allclose(model.weight.detach(), after[2 * k])
+    restored = make_optimizer("lookahead_adamw", model, lr=0.1, weight_decay=0.0)
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
