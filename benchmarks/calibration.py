@@ -104,16 +104,10 @@ def now(val, test) -> dict:
 
 
 def with_temperature(val, test, temperature: float) -> dict:
-    """As now, with ``temperature`` instead of the fitted one (sets on the conformal half, tempered by it)."""
-    from training.core import calibration
+    """As now, with ``temperature`` instead of the one fitted on the temperature half (same guard, same sets)."""
+    from training.core.calibration import calibrate
 
-    fit = calibration.fit_temperature
-    calibration.fit_temperature = lambda probs, labels: temperature
-    try:
-        row = calibration.calibrate("temperature", val[0], val[1], test[0], test[1]).metrics
-    finally:
-        calibration.fit_temperature = fit
-    return row
+    return calibrate("temperature", val[0], val[1], test[0], test[1], fitted=temperature).metrics
 
 
 def shift(val, test, shifted) -> dict:

@@ -43,6 +43,16 @@ def test_the_fitted_temperature_recovers_the_true_one_and_lowers_ece_and_nll_wit
     assert (tempered(probs, temperature).argmax(1) == probs.argmax(1)).all()
 
 
+def test_a_temperature_fitted_elsewhere_is_guarded_like_the_fitted_one():
+    probs, labels = overconfident(2000)
+    test_probs, test_labels = overconfident(1000, seed=1)
+    helpful = calibrate("temperature", probs, labels, test_probs, test_labels, fitted=3.5)
+    assert helpful.temperature == 3.5 and helpful.metrics["temperature_fitted"] == 3.5
+    assert helpful.metrics["test_ece"] < helpful.metrics["test_ece_uncalibrated"]
+    harmful = calibrate("temperature", probs, labels, test_probs, test_labels, fitted=0.25)  # sharper still
+    assert harmful.temperature == 1.0 and harmful.metrics["temperature_fitted"] == 0.25
+
+
 def test_conformal_sets_cover_at_least_the_level_on_new_images_and_grow_with_it():
     cal_probs, cal_labels = overconfident(2000, seed=1)
     test_probs, test_labels = overconfident(4000, seed=2)

@@ -127,11 +127,17 @@ def conformal_parts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrate(
-    method: str, val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray, test_labels: np.ndarray
+    method: str,
+    val_probs: np.ndarray,
+    val_labels: np.ndarray,
+    test_probs: np.ndarray,
+    test_labels: np.ndarray,
+    fitted: float | None = None,
 ) -> Calibration:
     """Fit the temperature on one validation half, the conformal thresholds on the other (tempered), and measure
     both: ECE and NLL before and after on the held-out half and on test, and test coverage and set size for
-    each level. ``test_probs`` are the probabilities the run already read from the test split once."""
+    each level. ``test_probs`` are the probabilities the run already read from the test split once. ``fitted``: a
+    temperature fitted some other way, to be guarded and used instead (benchmarks/calibration.py compares ways)."""
     if method not in CALIBRATIONS:
         raise CalibrationError(f"calibration={method!r} is not one of: {', '.join(CALIBRATIONS)}.")
     check_validation(method, len(val_labels))
@@ -139,7 +145,8 @@ def calibrate(
         return Calibration(1.0, {}, 0, {})
     halves = validation_halves(val_labels)
     fit_on, conformal_on = halves[TEMPERATURE_HALF], halves[CONFORMAL_HALF]
-    fitted = fit_temperature(val_probs[fit_on], val_labels[fit_on]) if method == "temperature" else 1.0
+    if fitted is None:
+        fitted = fit_temperature(val_probs[fit_on], val_labels[fit_on]) if method == "temperature" else 1.0
     held_out = val_probs[conformal_on], val_labels[conformal_on]
     # Kept only when it also lowers the NLL of the other half: fitted on a few dozen images (BreastMNIST's 39) a
     # temperature can fit their noise and make the model worse calibrated than it was.
