@@ -112,13 +112,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     return per_class.sum(dim=-1).mean()
 
 
-# Folding costs tens of milliseconds of tracing per call: it pays from a few hundred image forwards on. Measured
-# (resnet9, 2-core CPU, medians of 7, same process): BreastMNIST's 78 validation images 323 ms folded against 256 ms
-# not (fold skipped), BloodMNIST's 1712 images 2.75 s against 3.24 s; BreastMNIST evaluates twice in each of its
-# 120 epochs.
-FOLD_MIN_FORWARDS = 512
-
-
 def folded(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with each BatchNorm folded into the convolution before it (torch.fx): the
     same outputs to ~1e-7 and 1.45x the images/s of ResNet-9 (width 16, 160 images per pass, 2-core CPU; 4577
@@ -134,7 +127,7 @@ def predict(model: nn.Module, split: Split, batch_size: int | None = None) -> tu
     model.eval()
     device = next(model.parameters()).device
     views = len(getattr(model, "views", ())) or 1  # a TTAClassifier forwards each image once per view
-    if device.type == "cpu" and len(split) * views >= FOLD_MIN_FORWARDS:
+    if device.type == "cpu":
         model = folded(model)
     batch_size = batch_size or max(1, EVAL_IMAGES_PER_FORWARD.get(device.type, 512) // views)
     probs, loss_sum = [], torch.zeros((), device=device)
