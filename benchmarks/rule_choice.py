@@ -69,7 +69,6 @@ TUNED_BEFORE = {
     "breastmnist": "0.8780 ± 0.0420, 182 s",
 }
 MEASURED = ("best_val_acc", "test_acc", "process_time")
-SHARED_CPU = False  # --shared-cpu: other work shares the cores, wall times are upper bounds
 
 
 def candidate_values(name: str, dataset: str) -> dict:
@@ -127,12 +126,12 @@ def choose(rows: list[dict], datasets) -> str:
     return max(CANDIDATES, key=lambda name: validation(rows, name, datasets))
 
 
-def run(name: str, dataset: str, seed: int, data_dir) -> None:
+def run(name: str, dataset: str, seed: int, data_dir, shared_cpu: bool = False) -> None:
     values = candidate_values(name, dataset)
     print(f"{name} / {dataset} / seed {seed} ...", flush=True)
     row = run_case(RECIPE, dataset, seed, data_dir, "cpu", command_line(values), mark(values))
     row["candidate"] = name
-    if SHARED_CPU:
+    if shared_cpu:  # other work shared the cores: the wall time is an upper bound
         row["shared_cpu"] = True
     with RESULTS_FILE.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -199,21 +198,19 @@ def main() -> None:
     parser.add_argument("--selection-only", action="store_true", help="train the seed-0 runs only")
     parser.add_argument("--shared-cpu", action="store_true", help="mark the wall times: other work shared the CPU")
     args = parser.parse_args()
-    global SHARED_CPU
-    SHARED_CPU = args.shared_cpu
     data_dir = real_data_dir()
     create_store()
     for name in CANDIDATES:
         for dataset in DATASETS:
             if not any(r["seed"] == SELECTION_SEED for r in current(load_rows(), name, dataset)):
-                run(name, dataset, SELECTION_SEED, data_dir)
+                run(name, dataset, SELECTION_SEED, data_dir, args.shared_cpu)
                 write(load_rows())
     if not args.selection_only:
         for held_out in DATASETS:
             name = choose(load_rows(), [d for d in DATASETS if d != held_out])
             done = {r["seed"] for r in current(load_rows(), name, held_out)}
             for seed in (s for s in SEEDS if s not in done):
-                run(name, held_out, seed, data_dir)
+                run(name, held_out, seed, data_dir, args.shared_cpu)
                 write(load_rows())
     write(load_rows())
 

@@ -232,4 +232,8 @@ def test_lookahead_adamw_moves_halfway_to_adamw_every_k_steps_and_round_trips():
     assert not torch.allclose(model.weight.detach(), after[2 * k])
     restored = make_optimizer("lookahead_adamw", model, lr=0.1, weight_decay=0.0)
     restored.load_state_dict(optimizer.state_dict())
-    assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    saved, loaded = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for key in saved:  # AdamW's moments and the slow weights come back exactly
+        for name in ("exp_avg", "exp_avg_sq", "lookahead_slow_buff"):
+            torch.testing.assert_close(loaded[key][name], saved[key][name], rtol=0, atol=0)
