@@ -156,6 +156,9 @@ def test_folded_evaluation_gives_the_model_outputs_and_leaves_the_model_alone():
     with torch.no_grad():
         expected = model(tiny_split(seed=2).images.float() / 255).softmax(1).numpy()
     assert np.allclose(probs, expected, atol=1e-5)
+    # Selection evaluates at the step's precision: bf16 probabilities near the float32 ones, and not the same numbers.
+    bf16_probs, _ = predict(model, tiny_split(seed=2), precision="bf16")
+    assert np.abs(bf16_probs - probs).max() < 0.05 and not np.array_equal(bf16_probs, probs)
 
 
 def test_precision_auto_follows_the_hardware_and_bad_values_are_named():

@@ -78,8 +78,9 @@ def resolve_precision(name: str, device: str, model: str = "") -> str:
 
 
 def autocast(device: str, precision: str = "auto"):
-    """bfloat16 autocast for ``precision`` bf16; float32 otherwise. Evaluation passes no precision: bf16 on GPUs,
-    float32 on CPUs, where the exported float32 graph must give the metrics that the run logged."""
+    """bfloat16 autocast for ``precision`` bf16; float32 otherwise. The final evaluation passes no precision: bf16
+    on GPUs, float32 on CPUs, where the exported float32 graph must give the metrics that the run logged. Selection's
+    evaluation after each epoch passes the step's precision."""
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "fp32"
     if precision == "bf16":
