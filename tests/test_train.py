@@ -27,7 +27,9 @@ def runs(status=None):
 
 
 def test_training_selects_the_best_validation_epoch_and_tests_once(synthetic_env, mlflow_store):
-    outcome = run_training(tiny(epochs=4, select_metric="acc", tta="none"), progress=False)
+    # float32 steps: selection then scores epochs with the same numbers as the final evaluation (with bf16 steps it
+    # scores them in bf16, within an image or so of these).
+    outcome = run_training(tiny(epochs=4, select_metric="acc", tta="none", precision="fp32"), progress=False)
     # Each epoch offers its raw weights and their EMA; the best of all of them is kept.
     history = [max(h.metrics["val_acc"], h.metrics["ema_val_acc"]) for h in outcome.fit.history]
     assert outcome.fit.best_epoch == 1 + int(np.argmax(history))
@@ -67,9 +69,10 @@ def test_runs_land_in_a_training_experiment_named_after_the_dataset_unless_one_i
 
 
 def test_select_metric_last_keeps_the_final_raw_weights(synthetic_env, mlflow_store):
-    # calibration=none: a temperature keeps the accuracy but moves the AUC (class probabilities across images)
+    # calibration=none: a temperature keeps the accuracy but moves the AUC (class probabilities across images);
+    # fp32: the epochs' scores are then the final evaluation's numbers
     outcome = run_training(
-        tiny(epochs=3, select_metric="last", tta="none", ema=0.9, calibration="none"), progress=False
+        tiny(epochs=3, select_metric="last", tta="none", ema=0.9, calibration="none", precision="fp32"), progress=False
     )
     assert (outcome.fit.best_epoch, outcome.fit.best_weights) == (3, "raw")
     final = outcome.fit.history[-1].metrics
@@ -237,3 +240,20 @@ def test_lookahead_adamw_moves_halfway_to_adamw_every_k_steps_and_round_trips():
     for key in saved:  # AdamW's moments and the slow weights come back exactly
         for name in ("exp_avg", "exp_avg_sq", "lookahead_slow_buff"):
             torch.testing.assert_close(loaded[key][name], saved[key][name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_resnet9_whitening_is_set_from_the_training_images_and_exports_to_onnx(synthetic_env, mlflow_store):
+    import onnx
+    from onnx import numpy_helper
+
+    from training.export.onnx import export_run
+
+    config = shrunk(epochs=1, model_kwargs={"width": 8, "whiten": True, "dirac_init": True, "bn_scales": False})
+    outcome = run_training(config, progress=False)
+    exported = export_run(outcome.run_id, log=False)
+    assert exported.parity.ok
+    [whitening] = [numpy_helper.to_array(t) for t in exported.proto.graph.initializer if tuple(t.dims) == (24, 3, 2, 2)]
+    # Eigenvectors of the training patches and their negatives, untouched by training (random filters are not).
+    assert np.allclose(whitening[12:], -whitening[:12], atol=1e-6) and np.abs(whitening).max() > 0.5
+    assert onnx.checker.check_model(exported.proto) is None

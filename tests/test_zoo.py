@@ -126,3 +126,52 @@ def test_normalized_classifier_applies_mean_and_std():
     model = zoo.NormalizedClassifier(backbone, mean=(0.5,), std=(0.25,))
     x = torch.full((1, 1, 2, 2), 0.75)
     assert torch.allclose(model(x), torch.ones(1, 1, 2, 2))
+
+
+def _smooth_images(n=64, chans=1, size=28):
+    """Neighbouring pixels correlate, as in real images: what patch whitening undoes."""
+    noise = torch.rand(n, chans, size + 3, size + 3)
+    return nn.functional.avg_pool2d(noise, 4, stride=1)
+
+
+def test_resnet9_whitening_filters_whiten_the_training_patches_and_stay_frozen():
+    images = _smooth_images(chans=3)
+    model = zoo.create_model("resnet9", in_chans=3, num_classes=5, input_size=28, width=8, whiten=True)
+    whitening = model.features[0][0]
+    assert tuple(whitening.weight.shape) == (24, 3, 2, 2) and not whitening.weight.requires_grad
+    normalized = (images - images.mean()) / images.std()
+    model.init_from_data(normalized)
+    with torch.no_grad():
+        out = nn.functional.conv2d(normalized, whitening.weight[:12])  # the eigenvector half; the rest is its negative
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert torch.equal(whitening.weight[12:], -whitening.weight[:12])
+    assert model(images).shape == (64, 5)
+
+
+def test_resnet9_takes_training_images_through_its_normalisation():
+    backbone = zoo.create_model("resnet9", in_chans=1, num_classes=3, input_size=28, width=8, whiten=True)
+    model = zoo.NormalizedClassifier(backbone, mean=(0.5,), std=(0.25,))
+    images = _smooth_images()
+    model.init_from_data(images)
+    reference = zoo.create_model("resnet9", in_chans=1, num_classes=3, input_size=28, width=8, whiten=True)
+    reference.init_from_data((images - 0.5) / 0.25)
+    assert torch.allclose(backbone.features[0][0].weight, reference.features[0][0].weight, atol=1e-5)
+
+
+def test_resnet9_dirac_init_and_frozen_batchnorm_scales():
+    model = zoo.create_model("resnet9", in_chans=3, num_classes=5, input_size=28, width=8, dirac_init=True)
+    conv = model.features[1][0]  # 8 -> 16 channels: its first 8 filters pass their input through
+    x = torch.rand(2, 8, 6, 6)
+    assert torch.allclose(nn.functional.conv2d(x, conv.weight[:8], padding=1), x)
+    frozen = zoo.create_model("resnet9", in_chans=3, num_classes=5, input_size=28, width=8, bn_scales=False)
+    norms = [m for m in frozen.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+
+
+def test_resnet9_airbench_options_name_bad_values():
+    with pytest.raises(zoo.ZooError, match="whiten=true needs inputs of at least 16 px, got 8"):
+        zoo.create_model("resnet9", in_chans=1, num_classes=2, input_size=8, whiten=True)
+    with pytest.raises(zoo.ZooError, match="bn_scales='maybe' must be true or false"):
+        zoo.create_model("resnet9", in_chans=1, num_classes=2, input_size=28, bn_scales="maybe")

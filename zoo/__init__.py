@@ -12,13 +12,14 @@ from zoo import timm_models as _timm_models  # noqa: F401
 from zoo.calibration import TemperatureScaled
 from zoo.errors import TIMM_PREFIX, ZooError
 from zoo.factory import check_options, create_model, get_model_config
-from zoo.preprocessing import NormalizedClassifier
+from zoo.preprocessing import DATA_INIT_IMAGES, NormalizedClassifier
 from zoo.registry import ModelConfig, list_models, register_model
 from zoo.transfer import freeze, head_parameter_names
 from zoo.tta import VIEWS as TTA_VIEWS
 from zoo.tta import TTAClassifier
 
 __all__ = [
+    "DATA_INIT_IMAGES",
     "TIMM_PREFIX",
     "TTA_VIEWS",
     "TTAClassifier",

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Training images a data-dependent initialisation sees (resnet9's whitening filters): airbench's sample size.
+DATA_INIT_IMAGES = 5000
+
 
 class NormalizedClassifier(nn.Module):
     """``backbone((x - mean) / std)`` for ``x`` in [0, 1], shape [N, C, H, W]."""
@@ -21,3 +24,11 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, x):
         return self.backbone((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Hand training images ([0, 1], up to ``DATA_INIT_IMAGES``), normalised, to a backbone whose initial weights
+        depend on the data (it has ``init_from_data``); other backbones are left alone."""
+        init = getattr(self.backbone, "init_from_data", None)
+        if init is not None:
+            init((x[:DATA_INIT_IMAGES] - self.mean) / self.std)

@@ -73,7 +73,9 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[torch.nn.Mo
             zoo.freeze(backbone, config.freeze)
         except zoo.ZooError as err:
             raise ConfigError(str(err)) from None
-    return zoo.NormalizedClassifier(backbone, mean, std), preprocessing
+    model = zoo.NormalizedClassifier(backbone, mean, std)
+    model.init_from_data(to_input(dataset.train.images[: zoo.DATA_INIT_IMAGES]))  # same images on every rank
+    return model, preprocessing
 
 
 def fit_options(run: ResolvedConfig, model: torch.nn.Module, world: World = World()) -> FitOptions:
