@@ -245,7 +245,13 @@ def test_every_recipe_loads_and_runs_one_tiny_epoch(synthetic_env, mlflow_store)
     assert config_from_recipe("best", dataset="breastmnist").members == 5
     assert config_from_recipe("best", dataset="organamnist").members == 1  # 34,561 images fill the budget alone
     assert config_from_recipe("quick", model="cnn").model_kwargs == {}  # the recipe's options were its model's
-    assert config_from_recipe("quick", model_kwargs={"dropout": 0.1}).model_kwargs == {"width": 16, "dropout": 0.1}
+    assert config_from_recipe("quick", model_kwargs={"dropout": 0.1}).model_kwargs == {
+        "width": 16,
+        "whiten": True,
+        "dirac_init": True,
+        "bn_scales": False,
+        "dropout": 0.1,
+    }
 
 
 @pytest.mark.slow

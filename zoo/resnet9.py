@@ -114,9 +114,13 @@ class ResNet9(nn.Module):
 
 
 def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
+    """A bool, or its text as a card or logged parameter holds it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
         raise ZooError(f"{name}={value!r} must be true or false.")
-    return value
+    return text == "true"
 
 
 @register_model("own", "ResNet-9 (Page's fast CIFAR net), width-scaled for 28 px on CPUs", min_input_size=8)
