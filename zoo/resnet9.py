@@ -4,8 +4,8 @@ prep conv -> [conv, pool, residual] -> [conv, pool] -> [conv, pool, residual] ->
 At 28 px the three pools leave 3x3 maps; ``width`` (the first stage's channels, doubled per stage) trades
 accuracy for CPU time: width 16 is ~6x cheaper than Page's 64.
 
-Three options from Keller Jordan's airbench (CIFAR-10 speed runs), off by default and measured as recipe
-candidates (benchmarks/rule_choice.py): ``whiten`` replaces the prep conv by a frozen 2x2 patch-whitening conv whose
+Three options from Keller Jordan's airbench (CIFAR-10 speed runs), off by default; the ``quick`` recipe sets all
+three (chosen on validation among other candidates, benchmarks/rule_choice.py): ``whiten`` replaces the prep conv by a frozen 2x2 patch-whitening conv whose
 filters are the training patches' covariance eigenvectors (and their negatives), set by :func:`init_from_data`;
 ``dirac_init`` starts each 3x3 conv as the identity on its first input-many filters; ``bn_scales=False`` freezes the
 BatchNorm scales at 1 (only the shifts learn).
