@@ -256,6 +256,8 @@ def test_every_recipe_loads_and_runs_one_tiny_epoch(synthetic_env, mlflow_store)
 
 @pytest.mark.slow
 def test_a_tta_run_exports_with_its_views_and_parity(synthetic_env, mlflow_store):
+    from onnx import numpy_helper
+
     from training.export.onnx import export_run
 
     config = config_from_recipe("quick", dataset="bloodmnist", epochs=1, batch_size=32, model_kwargs={"width": 4})
@@ -267,6 +269,10 @@ def test_a_tta_run_exports_with_its_views_and_parity(synthetic_env, mlflow_store
     run = mlflow.get_run(outcome.run_id)
     assert run.data.params["tta_views"] == "identity,hflip,vflip,rot180" and "augment_ops" in run.data.params
     assert run.data.tags["selected_weights"] in ("raw", "ema")
+    # quick's whitening layer: eigenvectors of the training patches and their negatives, set before training and
+    # frozen through it (random filters are neither).
+    [whitening] = [numpy_helper.to_array(t) for t in result.proto.graph.initializer if tuple(t.dims) == (24, 3, 2, 2)]
+    assert np.allclose(whitening[12:], -whitening[:12], atol=1e-6) and np.abs(whitening).max() > 0.5
 
 
 @pytest.mark.slow

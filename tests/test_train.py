@@ -240,20 +240,3 @@ def test_lookahead_adamw_moves_halfway_to_adamw_every_k_steps_and_round_trips():
     for key in saved:  # AdamW's moments and the slow weights come back exactly
         for name in ("exp_avg", "exp_avg_sq", "lookahead_slow_buff"):
             torch.testing.assert_close(loaded[key][name], saved[key][name], rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_resnet9_whitening_is_set_from_the_training_images_and_exports_to_onnx(synthetic_env, mlflow_store):
-    import onnx
-    from onnx import numpy_helper
-
-    from training.export.onnx import export_run
-
-    config = shrunk(epochs=1, model_kwargs={"width": 8, "whiten": True, "dirac_init": True, "bn_scales": False})
-    outcome = run_training(config, progress=False)
-    exported = export_run(outcome.run_id, log=False)
-    assert exported.parity.ok
-    [whitening] = [numpy_helper.to_array(t) for t in exported.proto.graph.initializer if tuple(t.dims) == (24, 3, 2, 2)]
-    # Eigenvectors of the training patches and their negatives, untouched by training (random filters are not).
-    assert np.allclose(whitening[12:], -whitening[:12], atol=1e-6) and np.abs(whitening).max() > 0.5
-    assert onnx.checker.check_model(exported.proto) is None
