@@ -40,6 +40,16 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool, or its text as a card or a logged parameter holds it (``bool("false")`` would be True)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ZooError(f"{name}={value!r} must be true or false.")
+    return text == "true"
+
+
 def init_weights(model: nn.Module, scheme: str) -> None:
     """Re-initialise conv and linear weights; 'default' keeps PyTorch's own initialisation."""
     choose("init", scheme, WEIGHT_INITS)

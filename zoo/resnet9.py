@@ -5,10 +5,10 @@ At 28 px the three pools leave 3x3 maps; ``width`` (the first stage's channels, 
 accuracy for CPU time: width 16 is ~6x cheaper than Page's 64.
 
 Three options from Keller Jordan's airbench (CIFAR-10 speed runs), off by default; the ``quick`` recipe sets all
-three (chosen on validation among other candidates, benchmarks/rule_choice.py): ``whiten`` replaces the prep conv by a frozen 2x2 patch-whitening conv whose
-filters are the training patches' covariance eigenvectors (and their negatives), set by :func:`init_from_data`;
-``dirac_init`` starts each 3x3 conv as the identity on its first input-many filters; ``bn_scales=False`` freezes the
-BatchNorm scales at 1 (only the shifts learn).
+three (chosen on validation among other candidates, benchmarks/rule_choice.py): ``whiten`` replaces the prep conv by
+a frozen 2x2 patch-whitening conv whose filters are the training patches' covariance eigenvectors (and their
+negatives), set by :func:`init_from_data`; ``dirac_init`` starts each 3x3 conv as the identity on its first
+input-many filters; ``bn_scales=False`` freezes the BatchNorm scales at 1 (only the shifts learn).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from zoo.errors import ZooError
-from zoo.layers import check_dropout
+from zoo.layers import check_dropout, check_flag
 from zoo.registry import register_model
 
 WHITENING_EPS = 5e-4  # airbench's, added to the eigenvalues
@@ -113,16 +113,6 @@ class ResNet9(nn.Module):
                 module.init_from_data(images)
 
 
-def _flag(name: str, value) -> bool:
-    """A bool, or its text as a card or logged parameter holds it."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text not in ("true", "false"):
-        raise ZooError(f"{name}={value!r} must be true or false.")
-    return text == "true"
-
-
 @register_model("own", "ResNet-9 (Page's fast CIFAR net), width-scaled for 28 px on CPUs", min_input_size=8)
 def resnet9(in_chans, num_classes, input_size, width=16, dropout=0.0, whiten=False, dirac_init=False, bn_scales=True):
     if int(width) < 1:
@@ -134,7 +124,7 @@ def resnet9(in_chans, num_classes, input_size, width=16, dropout=0.0, whiten=Fal
         num_classes,
         int(width),
         check_dropout(dropout),
-        whiten=_flag("whiten", whiten),
-        dirac_init=_flag("dirac_init", dirac_init),
-        bn_scales=_flag("bn_scales", bn_scales),
+        whiten=check_flag("whiten", whiten),
+        dirac_init=check_flag("dirac_init", dirac_init),
+        bn_scales=check_flag("bn_scales", bn_scales),
     )
