@@ -78,6 +78,19 @@ def test_cnn_options_shape_the_network():
     assert any(isinstance(m, nn.AvgPool2d) for m in model.modules())
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "alexnet"])
+def test_batch_norm_flag_reads_text_as_a_card_holds_it(name):
+    # bool("false") is True: the flag is read as text, so a card's "false" builds a net without BatchNorm
+    def norms(value):
+        model = zoo.create_model(name, in_chans=1, num_classes=3, input_size=28, batch_norm=value)
+        return sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+
+    assert norms("false") == norms(False) == norms(0) == 0
+    assert norms("true") == norms(True) > 0
+    with pytest.raises(zoo.ZooError, match="batch_norm='sometimes' must be true or false"):
+        norms("sometimes")
+
+
 def test_kaiming_uniform_init_changes_the_weights_and_zeroes_biases():
     torch.manual_seed(0)
     model = zoo.create_model("mlp", in_chans=1, num_classes=3, init="kaiming_uniform", hidden="32")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from zoo.layers import check_dropout, init_weights
+from zoo.layers import check_dropout, check_flag, init_weights
 from zoo.registry import register_model
 
 
@@ -51,6 +51,6 @@ class AlexNetSmall(nn.Module):
 
 @register_model("own", "AlexNet-style CNN (5 conv + 3 FC) adapted to 16-64 px inputs", min_input_size=16)
 def alexnet(in_chans, num_classes, input_size, dropout=0.5, batch_norm=True, width=64, init="kaiming_uniform"):
-    model = AlexNetSmall(in_chans, num_classes, check_dropout(dropout), bool(batch_norm), int(width))
+    model = AlexNetSmall(in_chans, num_classes, check_dropout(dropout), check_flag("batch_norm", batch_norm), int(width))
     init_weights(model, init)
     return model

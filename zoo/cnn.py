@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from zoo.errors import ZooError
-from zoo.layers import POOLINGS, as_int_tuple, check_dropout, choose, flat_features, init_weights
+from zoo.layers import POOLINGS, as_int_tuple, check_dropout, check_flag, choose, flat_features, init_weights
 from zoo.registry import register_model
 
 
@@ -79,7 +79,7 @@ def cnn(
         )
     blocks, chans = [], in_chans
     for out in filters:
-        blocks.append(conv_block(chans, out, int(kernel_size), pool, bool(batch_norm), int(convs_per_block)))
+        blocks.append(conv_block(chans, out, int(kernel_size), pool, check_flag("batch_norm", batch_norm), int(convs_per_block)))
         chans = out
     features = nn.Sequential(*blocks)
     feature_dim = flat_features(features, in_chans, input_size)

@@ -45,9 +45,11 @@ def check_flag(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text not in ("true", "false"):
-        raise ZooError(f"{name}={value!r} must be true or false.")
-    return text == "true"
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ZooError(f"{name}={value!r} must be true or false.")
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from zoo.layers import as_int_tuple, check_dropout, init_weights
+from zoo.layers import as_int_tuple, check_dropout, check_flag, init_weights
 from zoo.registry import register_model
 
 
@@ -33,7 +33,7 @@ def mlp(in_chans, num_classes, input_size, hidden="128,64", dropout=0.2, batch_n
         num_classes,
         as_int_tuple("hidden", hidden),
         check_dropout(dropout),
-        bool(batch_norm),
+        check_flag("batch_norm", batch_norm),
     )
     init_weights(model, init)
     return model
