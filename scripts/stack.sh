@@ -117,8 +117,9 @@ up() {
     local extra=()
     # A list replaces MLflow's default (localhost and private IPs): keep loopback, which this machine's workers use.
     [[ -n "$ALLOWED_HOSTS" ]] && extra=(--allowed-hosts "$ALLOWED_HOSTS,localhost,localhost:*,127.0.0.1,127.0.0.1:*")
-    # setsid: the server outlives this shell and stops as one process group.
-    setsid "$(mlflow_bin)" server \
+    # setsid: the server outlives this shell and stops as one process group. MLflow 3's job runner (eight huey
+    # consumers for GenAI jobs, which MedZoo never submits) stays off unless the variable says otherwise.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" setsid "$(mlflow_bin)" server \
       --backend-store-uri "$(pg_url mlflow)" \
       --artifacts-destination "$ARTIFACTS" \
       --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${extra[@]}" \

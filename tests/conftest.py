@@ -21,7 +21,7 @@ import onnxruntime as ort  # noqa: E402
 
 from serving.deploy import deploy  # noqa: E402
 from tests.helpers.data import write_synthetic_medmnist, write_synthetic_torchvision  # noqa: E402
-from tests.helpers.runs import shrunk, store_with_synthetic_data  # noqa: E402
+from tests.helpers.runs import new_tracking_store, shrunk, store_with_synthetic_data  # noqa: E402
 from training.export.register import register_best  # noqa: E402
 from training.workflows.train import run_training  # noqa: E402
 
@@ -49,7 +49,7 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store and artifact folder in a temp dir, used by this process and children."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_tracking_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # the default experiment puts artifacts in ./mlruns
     mlflow.set_tracking_uri(uri)

@@ -48,6 +48,10 @@ from training.workflows.sweep import SweepOptions, run_sweep
 from training.workflows.sweep import summary as sweep_summary
 from training.workflows.train import MEMBERS_IN_ONE_PROCESS, DistributedOptions, ResumeOptions, run_training
 
+# MLflow 3 starts a job runner with every server (eight huey consumer processes, ~3 s of CPU each to start) for
+# GenAI jobs MedZoo never submits; off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise (scripts/stack.sh too).
+JOB_RUNNER_OFF = ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
 DEFAULT_RECIPE = "quick"
 MODEL_OPTION_FLAG = "--model."
 ALL = "all"
@@ -335,6 +339,7 @@ def ui(args) -> str:
         return "\n".join(lines)
     print("\n".join(lines), flush=True)
     command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", options.host, "--port", str(options.port)]
+    os.environ.setdefault(*JOB_RUNNER_OFF)
     os.execvp(command[0], command)
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
+import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -13,10 +17,33 @@ import pytest
 from training.core.recipes import config_from_recipe
 
 
+@functools.cache
+def _migrated_store() -> Path:
+    """An empty MLflow SQLite store, made by MLflow once per test process: a new store runs every schema migration
+    (about 2 s of CPU), which most tests would otherwise pay for their own fresh store."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="medzoo-test-store-"))
+    store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns"))
+    store.engine.dispose()
+    return folder / "mlflow.db"
+
+
+def new_tracking_store(root: Path) -> str:
+    """A fresh, real SQLite tracking store at ``root/mlflow.db`` (a copy of the migrated empty one), its Default
+    experiment's artifacts in ``root/mlruns/0`` as MLflow puts them for a store created with ``root`` as the
+    working directory."""
+    path = root / "mlflow.db"
+    shutil.copyfile(_migrated_store(), path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(root / "mlruns" / "0"),))
+    return f"sqlite:///{path}"
+
+
 @contextlib.contextmanager
 def store_with_synthetic_data(root: Path, data_dir: Path):
     """For module-scoped fixtures: a tracking store in ``root`` and the synthetic data, undone afterwards."""
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_tracking_store(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MEDZOO_DATA_DIR", str(data_dir))
