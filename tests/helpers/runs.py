@@ -36,7 +36,8 @@ def new_tracking_store(root: Path) -> str:
     path = root / "mlflow.db"
     shutil.copyfile(_migrated_store(), path)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(root / "mlruns" / "0"),))
+        default_artifacts = str(root / "mlruns" / "0")
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default_artifacts,))
     return f"sqlite:///{path}"
 
 
