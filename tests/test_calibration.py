@@ -43,6 +43,14 @@ def test_the_fitted_temperature_recovers_the_true_one_and_lowers_ece_and_nll_wit
     assert (tempered(probs, temperature).argmax(1) == probs.argmax(1)).all()
 
 
+def test_no_temperature_is_fitted_when_no_image_is_ranked_wrong():
+    # Without a single mistake the NLL has no minimum (it falls as T -> 0); one mistake gives it one.
+    probs, labels = np.tile([[0.7, 0.3]], (24, 1)), np.zeros(24, dtype=int)
+    assert fit_temperature(probs, labels) == 1.0
+    labels[0] = 1
+    assert 0.1 < fit_temperature(probs, labels) < 0.5
+
+
 def test_a_temperature_fitted_elsewhere_is_guarded_like_the_fitted_one():
     probs, labels = overconfident(2000)
     test_probs, test_labels = overconfident(1000, seed=1)
