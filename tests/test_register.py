@@ -103,6 +103,13 @@ def test_a_corrupted_export_fails_the_parity_check(store):
 
     with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(allowed .*: 1e-04 \+ 1e-05 x the largest"):
         require_parity(proto, model, images)
+    # A temperature below 1 divides the network's logits, and their kernels' differences, by it; above 1 it is no
+    # excuse. The 5% error is still caught at the temperature of an underconfident net.
+    sharpened = check_parity(proto, model, images, temperature=0.01)
+    assert sharpened.allowed == pytest.approx(1e-2 + 1e-5 * report.max_abs_value) and not sharpened.ok
+    assert check_parity(proto, model, images, temperature=4.0).allowed == report.allowed
+    with pytest.raises(ParityError, match=r"\(allowed .*: 1e-04 / temperature 0.01 \+ 1e-05 x"):
+        require_parity(proto, model, images, temperature=0.01)
 
 
 class _Scale(torch.nn.Module):

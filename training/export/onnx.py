@@ -30,9 +30,11 @@ from training.tracking.records import MODEL_ARTIFACT, PARITY_ARTIFACT
 from zoo.cam import Explained, explains
 
 ONNX_ARTIFACT = "onnx"
+# On the network's logits, before the graph divides them by the run's temperature: a temperature below 1 scales
+# the kernels' differences up with the logits (an underconfident 1-epoch net was fitted T = 0.011, x89).
 PARITY_ATOL = 1e-4
-# Plus this share of the largest output: float32 kernels of onnxruntime and oneDNN differ relatively, and a fitted
-# temperature below 1 scales every logit up (np.allclose's default rtol).
+# Plus this share of the largest output: float32 kernels of onnxruntime and oneDNN differ relatively (np.allclose's
+# default rtol).
 PARITY_RTOL = 1e-5
 # The Python path's class probabilities on the parity images, logged by runs whose model is an ONNX graph.
 REFERENCE_ARTIFACT = "parity/reference_probabilities.npy"
@@ -60,21 +62,28 @@ class ParityReport:
     argmax_mismatches: int
     quantity: str = "logit"  # what was compared: network logits, or the probabilities of a composed graph
     max_abs_value: float = 0.0  # the largest |output| of the reference
+    temperature: float = 1.0  # the served logits are the network's divided by it
 
     @property
     def allowed(self) -> float:
-        return PARITY_ATOL + PARITY_RTOL * self.max_abs_value
+        return parity_tolerance(self.max_abs_value, self.temperature)
 
     @property
     def ok(self) -> bool:
         return self.max_abs_diff <= self.allowed and self.argmax_mismatches == 0
 
     def describe(self) -> str:
+        atol = f"{PARITY_ATOL:.0e}" + (f" / temperature {self.temperature:.3g}" if self.temperature < 1 else "")
         return (
             f"max |{self.quantity} difference| {self.max_abs_diff:.2e} (allowed {self.allowed:.1e}: "
-            f"{PARITY_ATOL:.0e} + {PARITY_RTOL:.0e} x the largest |{self.quantity}|, {self.max_abs_value:.3g}), "
+            f"{atol} + {PARITY_RTOL:.0e} x the largest |{self.quantity}|, {self.max_abs_value:.3g}), "
             f"{self.argmax_mismatches} of {self.images} images with a different predicted class"
         )
+
+
+def parity_tolerance(max_abs_value: float, temperature: float = 1.0) -> float:
+    """The largest |difference| allowed between two graphs' outputs whose largest |output| is ``max_abs_value``."""
+    return PARITY_ATOL / min(1.0, temperature) + PARITY_RTOL * max_abs_value
 
 
 def logged_model_info(run_id: str):
@@ -153,8 +162,11 @@ def export_onnx(
     return proto
 
 
-def check_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: np.ndarray) -> ParityReport:
-    """onnxruntime logits against PyTorch on ``images`` (float32 in [0, 1])."""
+def check_parity(
+    proto: onnx.ModelProto, reference: torch.nn.Module, images: np.ndarray, temperature: float = 1.0
+) -> ParityReport:
+    """onnxruntime logits against PyTorch on ``images`` (float32 in [0, 1]); ``temperature``: the one the graph
+    divides the network's logits by."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: images})[0]
     with torch.no_grad():
@@ -164,11 +176,14 @@ def check_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: np.
         max_abs_diff=float(np.abs(onnx_logits - torch_logits).max()),
         argmax_mismatches=int((onnx_logits.argmax(1) != torch_logits.argmax(1)).sum()),
         max_abs_value=float(np.abs(torch_logits).max()),
+        temperature=temperature,
     )
 
 
-def require_parity(proto: onnx.ModelProto, reference: torch.nn.Module, images: np.ndarray) -> ParityReport:
-    return _require(check_parity(proto, reference, images))
+def require_parity(
+    proto: onnx.ModelProto, reference: torch.nn.Module, images: np.ndarray, temperature: float = 1.0
+) -> ParityReport:
+    return _require(check_parity(proto, reference, images, temperature))
 
 
 def logged_onnx_model(run_id: str):
@@ -182,7 +197,12 @@ def logged_onnx_model(run_id: str):
 
 
 def export_explanation(
-    served: torch.nn.Module, normalized: torch.nn.Module, input_size: int, in_chans: int, pixels: np.ndarray
+    served: torch.nn.Module,
+    normalized: torch.nn.Module,
+    input_size: int,
+    in_chans: int,
+    pixels: np.ndarray,
+    temperature: float = 1.0,
 ) -> onnx.ModelProto:
     """The explanation graph (``zoo.cam.Explained``): ``pixels`` -> ``logits`` (the served graph's) and ``cams``,
     checked against PyTorch on ``pixels`` (float32 in [0, 1]) like the served graph."""
@@ -193,7 +213,8 @@ def export_explanation(
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {INPUT_NAME: pixels})
     scale = max(1.0, float(np.abs(expected[1]).max()))
-    for name, a, b, tolerance in zip((OUTPUT_NAME, CAMS_NAME), got, expected, (PARITY_ATOL, PARITY_ATOL * scale)):
+    tolerances = (parity_tolerance(float(np.abs(expected[0]).max()), temperature), PARITY_ATOL * scale)
+    for name, a, b, tolerance in zip((OUTPUT_NAME, CAMS_NAME), got, expected, tolerances):
         if np.abs(a - b).max() > tolerance:
             raise ParityError(f"the explanation graph's {name} differ from PyTorch by {np.abs(a - b).max():.2e}.")
     return proto
@@ -207,7 +228,7 @@ def with_explanation(run_id: str, model: torch.nn.Module, card: ModelCard, pixel
     pre = card.preprocessing
     if not explains(network.backbone, pre.in_chans, pre.input_size):
         return card
-    proto = export_explanation(served, network, pre.input_size, pre.in_chans, pixels)
+    proto = export_explanation(served, network, pre.input_size, pre.in_chans, pixels, card.temperature)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / EXPLAIN_FILE
         onnx.save(proto, str(path))
@@ -273,7 +294,7 @@ def export_run(run_id: str, log: bool = True) -> ExportResult:
     else:
         card = with_explanation(run_id, model, card, images) if log else card
         proto = export_onnx(model, pre.input_size, pre.in_chans, card.to_props())
-    parity = require_parity(proto, model, images)
+    parity = require_parity(proto, model, images, card.temperature)
     model_uri = ""
     if existing is not None:
         model_uri = existing.model_uri
