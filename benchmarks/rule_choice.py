@@ -253,8 +253,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="quick", choices=sorted(CANDIDATES))
     parser.add_argument("--selection-only", action="store_true", help="train the seed-0 runs only")
+    parser.add_argument(
+        "--held-out", default=",".join(DATASETS), help="the held-out datasets whose seeds to complete, in this order"
+    )
     parser.add_argument("--shared-cpu", action="store_true", help="mark the wall times: other work shared the CPU")
     args = parser.parse_args()
+    held_outs = [d for d in args.held_out.split(",") if d]
+    for held_out in held_outs:
+        if held_out not in DATASETS:
+            parser.error(f"--held-out {held_out!r} is not one of: {', '.join(DATASETS)}")
     recipe, data_dir = args.recipe, real_data_dir()
     create_store()
     for name in CANDIDATES[recipe]:
@@ -263,7 +270,7 @@ def main() -> None:
                 run(recipe, name, dataset, SELECTION_SEED, data_dir, args.shared_cpu)
                 write(load_rows(), recipe)
     if not args.selection_only:
-        for held_out in DATASETS:
+        for held_out in held_outs:
             name = choose(load_rows(), recipe, [d for d in DATASETS if d != held_out])
             done = {r["seed"] for r in current(load_rows(), recipe, name, held_out)}
             for seed in (s for s in SEEDS if s not in done):
