@@ -80,7 +80,7 @@ QUICK = {
 # 0.2 and airbench's first layer, initialisation and BatchNorm) to best's budget. The same selection rule as quick's:
 # the best mean validation ACC of seed 0 on the other two datasets.
 BEST = {
-    "700k images, width 24": {"model_kwargs": {"width": 24}},
+    "700k images, width 24": {"mixup": 0.0, "model_kwargs": {"width": 24}},
     "700k images, width 24, MixUp 0.2, whitening stem, identity init, frozen BN scales": {
         "mixup": 0.2,
         "model_kwargs": {"width": 24, "whiten": True, "dirac_init": True, "bn_scales": False},
