@@ -8,6 +8,10 @@ puts the three held-out results beside what per-dataset tuning reached before th
 on each dataset's own validation split) and the candidate the three validation splits choose together, which is
 what configs/recipes.yaml should ship.
 
+The rule above chose `quick`'s and `best`'s present rules. Declared on 2026-12-03 for the next choice (after seeing
+that both of those choices led by less than one standard error and read lower on test): a candidate replaces what
+ships only if its mean validation ACC leads by more than one standard error, as ``margin`` reports it.
+
     python benchmarks/rule_choice.py                      # quick's rule; resumable: finished cases are kept
     python benchmarks/rule_choice.py --recipe best        # best's rule (about 15-25 minutes a run)
     python benchmarks/rule_choice.py --selection-only     # phase 1 only
