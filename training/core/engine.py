@@ -276,8 +276,8 @@ class Checkpointing:
 
 def snapshot(value):
     """A copy of a checkpoint state that training cannot change: tensors cloned, containers copied, other values
-    (numbers, strings, NumPy RNG states) shared, as nothing changes them in place. Half the time of
-    ``copy.deepcopy`` on a `quick` BreastMNIST state (median 33 against 65 ms, taken after every epoch)."""
+    (numbers, strings, NumPy RNG states) shared, as nothing changes them in place. Taken after every epoch whose
+    checkpoint waits: 1.6x faster than ``copy.deepcopy`` on a `quick` BreastMNIST state (12 against 19 ms)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, dict):
