@@ -149,7 +149,8 @@ def main() -> None:
         "Not kept: 1 thread, torch.compile (its compilation is paid in every 2-minute run), bf16 evaluation (the "
         "run must report what the exported float32 graph answers); a larger batch changes the recipe, so it is a "
         "rule candidate, not a speed setting (measured 2026-12-02: 1 thread 0.60x, compile slower, batch 256 "
-        "+7% in bf16).\n\n" + table,
+        "+7% in bf16; as a candidate of `quick`'s rule, not chosen: \"Larger batches with a scaled learning "
+        "rate\").\n\n" + table,
     )
 
 
