@@ -150,7 +150,7 @@ def main() -> None:
         "run must report what the exported float32 graph answers); a larger batch changes the recipe, so it is a "
         "rule candidate, not a speed setting (measured 2026-12-02: 1 thread 0.60x, compile slower, batch 256 "
         "+7% in bf16; as a candidate of `quick`'s rule, not chosen: \"Larger batches with a scaled learning "
-        "rate\").\n\n" + table,
+        'rate").\n\n' + table,
     )
 
 
