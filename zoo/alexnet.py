@@ -51,6 +51,8 @@ class AlexNetSmall(nn.Module):
 
 @register_model("own", "AlexNet-style CNN (5 conv + 3 FC) adapted to 16-64 px inputs", min_input_size=16)
 def alexnet(in_chans, num_classes, input_size, dropout=0.5, batch_norm=True, width=64, init="kaiming_uniform"):
-    model = AlexNetSmall(in_chans, num_classes, check_dropout(dropout), check_flag("batch_norm", batch_norm), int(width))
+    model = AlexNetSmall(
+        in_chans, num_classes, check_dropout(dropout), check_flag("batch_norm", batch_norm), int(width)
+    )
     init_weights(model, init)
     return model

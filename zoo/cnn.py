@@ -79,7 +79,9 @@ def cnn(
         )
     blocks, chans = [], in_chans
     for out in filters:
-        blocks.append(conv_block(chans, out, int(kernel_size), pool, check_flag("batch_norm", batch_norm), int(convs_per_block)))
+        blocks.append(
+            conv_block(chans, out, int(kernel_size), pool, check_flag("batch_norm", batch_norm), int(convs_per_block))
+        )
         chans = out
     features = nn.Sequential(*blocks)
     feature_dim = flat_features(features, in_chans, input_size)
