@@ -76,7 +76,12 @@ def test_a_model_torch_fx_cannot_trace_is_evaluated_as_it_is():
 def test_a_checkpoint_snapshot_does_not_move_with_training():
     Pair = collections.namedtuple("Pair", "epoch metrics")
     weights = torch.ones(3)
-    state = {"model": collections.OrderedDict(w=weights), "history": [Pair(1, {"acc": 0.5})], "name": "x"}
+    state = {
+        "model": collections.OrderedDict(w=weights),
+        "history": [Pair(1, {"acc": 0.5})],
+        "name": "x",
+        "per_param": collections.defaultdict(dict, {0: {"step": torch.zeros(())}}),
+    }
     copy = snapshot(state)
     weights.add_(1)
     state["history"].append(Pair(2, {"acc": 0.6}))
@@ -84,3 +89,5 @@ def test_a_checkpoint_snapshot_does_not_move_with_training():
     assert isinstance(copy["model"], collections.OrderedDict)
     assert copy["history"] == [Pair(1, {"acc": 0.5})] and isinstance(copy["history"][0], Pair)
     assert copy["name"] == "x"
+    state["per_param"][0]["step"].add_(1)
+    assert copy["per_param"].default_factory is dict and copy["per_param"][0]["step"].item() == 0

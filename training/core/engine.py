@@ -280,8 +280,11 @@ def snapshot(value):
     checkpoint waits: 1.6x faster than ``copy.deepcopy`` on a `quick` BreastMNIST state (12 against 19 ms)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
-    if isinstance(value, dict):
-        return type(value)((key, snapshot(item)) for key, item in value.items())
+    if isinstance(value, dict):  # a shallow copy keeps the dict's kind (OrderedDict, defaultdict's factory)
+        copied = copy.copy(value)
+        for key, item in value.items():
+            copied[key] = snapshot(item)
+        return copied
     if isinstance(value, (list, tuple)):
         items = [snapshot(item) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)

@@ -94,6 +94,6 @@ def _folded(model: nn.Module) -> nn.Module:
 
 
 def _structure(model: nn.Module) -> tuple:
-    """What a cached copy was built from: every submodule (by identity), its name and its training flag's absence
-    of effect aside. A replaced layer, a new head or a frozen stage change it, and the copy is built again."""
-    return tuple((name, id(module)) for name, module in model.named_modules())
+    """What a cached copy was built from: every submodule's name, type and identity. A replaced layer or a new head
+    changes it, and the copy is built again; weights that change in place are what ``refresh`` is for."""
+    return tuple((name, type(module), id(module)) for name, module in model.named_modules())
