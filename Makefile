@@ -34,7 +34,7 @@ test: setup
 
 # Every tier: in-process training (slow) and subprocesses, servers, PostgreSQL (e2e). What CI runs. Two pytest
 # workers, a test file each at a time (module fixtures stay in one process): 9:48 against 13:07 in one on 2 cores.
-# Each worker computes on cores / workers threads (tests/conftest.py): 10:06 against 12:00 with two machine-wide
+# Each worker computes on cores / workers threads (tests/conftest.py): 10:06 against 11:59 with two machine-wide
 # OpenMP pools (clean-clone CI runs of 2026-12-03, a 2048^2 matmul at 143 and 139 GFLOP/s).
 TEST_WORKERS ?= 2
 test-all: setup

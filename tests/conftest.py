@@ -16,8 +16,9 @@ import pytest
 # Tests never touch the user's BentoML store; set before anything imports bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="medzoo-test-bentoml-")
 # Parallel workers (`make test-all`: 2 on 2 cores) share the cores instead of each running an OpenMP pool as wide
-# as the machine: two 2-thread pools on 2 cores spin-wait against each other (a training run beside a test run took
-# up to 7x its time). Set before torch is imported; subprocesses (mlflow run, servers, torchrun) inherit it.
+# as the machine: two 2-thread pools on 2 cores spin-wait against each other (a training benchmark beside another
+# training run took up to 7x its time). Set before torch is imported; subprocesses (mlflow run, servers, torchrun)
+# inherit it.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))

@@ -1,11 +1,11 @@
 """Inference copies of a model with each BatchNorm folded into the convolution or linear layer before it.
 
-Folding makes evaluation 1.18-1.45x faster on the CPU (benchmarks/step_speed.py), but torch.fx's ``fuse`` deep-copies
-and traces the model on every call: on BreastMNIST's 78 validation images that was 40% of an evaluation (py-spy of a
-`quick` run, 2026-12-03), paid twice an epoch (raw and EMA weights). Here the copy is traced and folded once per
-model and only its weights are refreshed before each use, with torch's own folding arithmetic
-(``fuse_conv_bn_weights``), so the outputs are bit for bit those of ``fuse``. Models torch.fx cannot trace
-symbolically are evaluated as they are.
+Folding makes evaluation faster on the CPU (1.18x in benchmarks/step_speed.py's 5-view pass), but torch.fx's
+``fuse`` deep-copies and traces the model on every call: on BreastMNIST's 78 validation images that was 40% of an
+evaluation (py-spy of a `quick` run, 2026-12-03), paid twice an epoch (raw and EMA weights). Here the copy is
+traced and folded once per model and only its weights are refreshed before each use, with torch's own folding
+arithmetic (``fuse_conv_bn_weights``), so the outputs are bit for bit those of ``fuse``. Models torch.fx cannot
+trace symbolically are evaluated as they are.
 """
 
 from __future__ import annotations
